@@ -1,0 +1,37 @@
+# Two commands matter: `make run` (the collector on its embedded PostgreSQL) and `make test`.
+# Both install what they need into .venv first, from pinned versions in requirements/constraints.txt.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck unit bench bench-ingest clean install
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/token-meter-collector
+
+lint: $(STAMP)
+	$(BIN)/ruff check plugin collector schema tests bench
+	$(BIN)/ruff format --check plugin collector schema tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy plugin collector
+
+test: lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: bench-ingest
+
+bench-ingest: $(STAMP)
+	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
