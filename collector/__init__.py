@@ -1,0 +1,1 @@
+"""token-meter collector: ingest, metering, blocklist and (later) billing for AI token usage."""

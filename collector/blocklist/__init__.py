@@ -1,0 +1,1 @@
+"""The blocklist: consumers the plugins must stop, versioned, pushed to every collector."""

