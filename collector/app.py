@@ -18,7 +18,7 @@ from .blocklist.http import get_blocklist
 from .database import create_pool, ensure_event_partitions, migrate
 from .ingest.http import post_events
 from .ingest.service import IngestService
-from .keys import BLOCKLIST, INGEST, METRICS, POOL, SETTINGS
+from .keys import BLOCKLIST, INGEST, LOG_FIELDS, METRICS, POOL, SETTINGS
 from .observability import Metrics
 from .problems import Problem
 from .settings import Settings
@@ -60,7 +60,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             path=request.path,
             status=response.status,
             duration_ms=round(elapsed * 1000, 2),
-            **request.get("log_fields", {}),
+            **request.get(LOG_FIELDS, {}),
         )
     return response
 

@@ -15,3 +15,5 @@ METRICS = web.AppKey("metrics", Metrics)
 POOL = web.AppKey("pool", asyncpg.Pool)
 INGEST = web.AppKey("ingest", IngestService)
 BLOCKLIST = web.AppKey("blocklist", BlocklistFeed)
+# Fields a handler adds to its request's canonical log line.
+LOG_FIELDS = web.RequestKey("log_fields", dict)

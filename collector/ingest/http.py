@@ -7,7 +7,7 @@ import structlog
 from aiohttp import web
 
 from ..auth import Role, requires
-from ..keys import INGEST
+from ..keys import INGEST, LOG_FIELDS
 from ..problems import Problem, bad_request
 from .events import BatchError, BatchTooLarge
 
@@ -44,7 +44,7 @@ async def post_events(request: web.Request) -> web.Response:
     except BatchError as exc:
         raise bad_request(str(exc), slug="malformed-batch") from exc
     outcome = await service.ingest(batch)
-    request["log_fields"] = {
+    request[LOG_FIELDS] = {
         "events": outcome.size,
         "accepted": outcome.accepted,
         "duplicates": outcome.duplicates,

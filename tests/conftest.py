@@ -1,0 +1,260 @@
+"""Shared fixtures: a real PostgreSQL server (embedded by default, TEST_DATABASE_URL to use
+another), a fresh migrated database per test, and the collector, in-process or as the real
+`token-meter-collector` process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import asyncpg
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from token_meter_collector.app import create_app
+from token_meter_collector.database import EmbeddedPostgres, create_pool, migrate
+from token_meter_collector.settings import Settings
+
+TEMPLATE_DB = "token_meter_test_template"
+VENV_BIN = Path(sys.executable).parent
+
+
+def with_database(url: str, name: str) -> str:
+    """`url` pointing at database `name` (works for host URLs and ?host=/socket URLs)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> Iterator[str]:
+    external = os.environ.get("TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    root = Path(tempfile.mkdtemp(prefix="token-meter-test-pg-"))
+    server = EmbeddedPostgres.start(root / "pgdata")
+    try:
+        yield server.url("postgres")
+    finally:
+        server.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def template_database(pg_admin_url: str) -> str:
+    conn = await asyncpg.connect(pg_admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+    finally:
+        await conn.close()
+    pool = await create_pool(with_database(pg_admin_url, TEMPLATE_DB), min_size=1, max_size=1)
+    try:
+        await migrate(pool)
+    finally:
+        await pool.close()
+    return TEMPLATE_DB
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def database_url(pg_admin_url: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test, dropped afterwards."""
+    name = f"tm_test_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(pg_admin_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    finally:
+        await conn.close()
+    yield with_database(pg_admin_url, name)
+    conn = await asyncpg.connect(pg_admin_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the test database, for checking what was stored."""
+    conn = await asyncpg.connect(database_url, server_settings={"timezone": "UTC"})
+    yield conn
+    await conn.close()
+
+
+def make_settings(database_url: str | None, data_dir: Path, **overrides: str) -> Settings:
+    env = {
+        "TOKEN_METER_DATA_DIR": str(data_dir),
+        "TOKEN_METER_INGEST_TOKEN": "ingest-" + secrets.token_hex(16),
+        "TOKEN_METER_ADMIN_TOKEN": "admin-" + secrets.token_hex(16),
+        "TOKEN_METER_LOG_LEVEL": "warning",
+        **({"DATABASE_URL": database_url} if database_url else {}),
+        **overrides,
+    }
+    return Settings.from_env(env)
+
+
+@dataclass
+class RunningCollector:
+    """A collector the test can talk to over real HTTP."""
+
+    base_url: str
+    ingest_token: str
+    admin_token: str
+    session: aiohttp.ClientSession
+    app: web.Application | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def auth(self, token: str | None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def post_events(
+        self, events: Any, *, token: str | None = None, **kwargs: Any
+    ) -> tuple[int, Any]:
+        headers = {"Content-Type": "application/cloudevents-batch+json"}
+        headers.update(self.auth(token or self.ingest_token))
+        headers.update(kwargs.pop("headers", {}))
+        data = events if isinstance(events, bytes) else json.dumps(events)
+        async with self.session.post(
+            f"{self.base_url}/v1/events", data=data, headers=headers, **kwargs
+        ) as response:
+            return response.status, await _body(response)
+
+    async def get(self, path: str, *, token: str | None = None, **kwargs: Any) -> Any:
+        headers = self.auth(token or self.admin_token)
+        headers.update(kwargs.pop("headers", {}))
+        async with self.session.get(f"{self.base_url}{path}", headers=headers, **kwargs) as r:
+            return r.status, await _body(r), r.headers
+
+    async def usage(self, consumer: str, **params: str) -> tuple[int, Any]:
+        status, body, _ = await self.get(f"/v1/consumers/{consumer}/usage", params=params)
+        return status, body
+
+
+async def _body(response: aiohttp.ClientResponse) -> Any:
+    raw = await response.read()
+    if response.content_type.endswith("json") and raw:
+        return json.loads(raw)
+    return raw
+
+
+@contextlib.asynccontextmanager
+async def run_collector_app(settings: Settings) -> AsyncIterator[RunningCollector]:
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    assert settings.ingest_token and settings.admin_token
+    async with aiohttp.ClientSession() as session:
+        try:
+            yield RunningCollector(
+                base_url=f"http://127.0.0.1:{port}",
+                ingest_token=settings.ingest_token.value,
+                admin_token=settings.admin_token.value,
+                session=session,
+                app=app,
+            )
+        finally:
+            await runner.cleanup()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def collector(database_url: str, tmp_path: Path) -> AsyncIterator[RunningCollector]:
+    """The collector app on a real socket, on a fresh database."""
+    async with run_collector_app(make_settings(database_url, tmp_path)) as running:
+        yield running
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class CollectorProcess:
+    """`token-meter-collector` run as an operator runs it."""
+
+    env: dict[str, str]
+    port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(VENV_BIN / "token-meter-collector")],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"collector exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"collector did not start: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return int(self.process.returncode)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@pytest.fixture
+def collector_process_factory(tmp_path: Path) -> Iterator[Any]:
+    """Build (not start) collector processes; all are stopped at the end of the test."""
+    made: list[CollectorProcess] = []
+
+    def build(database_url: str | None = None, **env: str) -> CollectorProcess:
+        port = free_port()
+        full_env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/root"),
+            "TOKEN_METER_PORT": str(port),
+            "TOKEN_METER_DATA_DIR": str(tmp_path / "collector-data"),
+            "TOKEN_METER_LOG_FORMAT": "json",
+            **({"DATABASE_URL": database_url} if database_url else {}),
+            **env,
+        }
+        proc = CollectorProcess(full_env, port, tmp_path / f"collector-{len(made)}.log")
+        made.append(proc)
+        return proc
+
+    yield build
+    for proc in made:
+        if proc.process is not None:
+            proc.stop()
