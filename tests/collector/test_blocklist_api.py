@@ -47,7 +47,7 @@ async def test_change_bumps_version_and_insufficient_credits_wins(
     )
     deadline = time.monotonic() + 5
     while True:
-        status, body, etag = await get_blocklist(collector)
+        _, body, etag = await get_blocklist(collector)
         assert isinstance(body, dict)
         if body["version"] > 1 or time.monotonic() > deadline:
             break

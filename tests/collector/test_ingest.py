@@ -232,7 +232,7 @@ async def test_authentication(collector: RunningCollector, db: asyncpg.Connectio
 
 async def test_metrics_count_outcomes(collector: RunningCollector) -> None:
     await collector.post_events([usage_event("m1"), usage_event("m1"), {"bad": True}])
-    status, body, headers = await collector.get("/metrics")
+    status, body, _ = await collector.get("/metrics")
     assert status == 200
     text = body.decode()
     assert 'token_meter_events_total{outcome="accepted"} 1.0' in text
