@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 
 from .app import create_app
-from .database import EmbeddedPostgres, ensure_database
+from .database import EmbeddedPostgres
 from .observability import configure_logging
 from .settings import Settings, SettingsError
 
@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     embedded: EmbeddedPostgres | None = None
     if settings.database_url is None:
         embedded = EmbeddedPostgres.start(settings.data_dir / "postgres")
-        asyncio.run(ensure_database(embedded.url(), EMBEDDED_DATABASE_NAME))
-        settings = _with_database(settings, embedded.url(EMBEDDED_DATABASE_NAME))
+        url = asyncio.run(embedded.prepare(EMBEDDED_DATABASE_NAME))
+        settings = replace(settings, database_url=url)
     if settings.stripe_api_key is None:
         log.info("stripe_disabled", reason="STRIPE_API_KEY is not set: no Stripe calls")
     log.info(
@@ -79,10 +79,6 @@ def main(argv: list[str] | None = None) -> None:
         if embedded is not None:
             embedded.stop()
             log.info("embedded_postgres_stopped")
-
-
-def _with_database(settings: Settings, url: str) -> Settings:
-    return replace(settings, database_url=url)
 
 
 def _url(settings: Settings) -> str:

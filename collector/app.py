@@ -125,7 +125,14 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[INGEST] = IngestService(app[POOL], app[METRICS], max_events=settings.max_batch_events)
+    ingest = IngestService(
+        app[POOL],
+        app[METRICS],
+        max_events=settings.max_batch_events,
+        writers=settings.ingest_writers,
+    )
+    await ingest.start()
+    app[INGEST] = ingest
     feed = BlocklistFeed(app[POOL], app[METRICS])
     await feed.start()
     app[BLOCKLIST] = feed
@@ -137,6 +144,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await maintenance
         await feed.stop()
+        await ingest.stop()
 
 
 async def _partition_maintenance(app: web.Application) -> None:

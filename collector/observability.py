@@ -79,6 +79,12 @@ class Metrics:
             buckets=(1, 10, 100, 500, 1000, 2500, 5000, 10000, 50000),
             registry=r,
         )
+        self.transaction_requests = Histogram(
+            "token_meter_ingest_transaction_requests",
+            "Requests whose events were stored together in one transaction (group commit).",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         self.requests = Counter(
             "token_meter_http_requests",
             "HTTP requests answered, by route and status.",

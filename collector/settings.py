@@ -63,6 +63,7 @@ class Settings:
     max_batch_bytes: int
     shutdown_timeout: float
     blocklist_max_wait: float
+    ingest_writers: int
 
     @property
     def embedded_database(self) -> bool:
@@ -140,6 +141,7 @@ class Settings:
             max_batch_bytes=max_bytes,
             shutdown_timeout=reader.number("TOKEN_METER_SHUTDOWN_TIMEOUT", 30.0, 0.0, 3600.0),
             blocklist_max_wait=reader.number("TOKEN_METER_BLOCKLIST_MAX_WAIT", 60.0, 0.0, 60.0),
+            ingest_writers=reader.integer("TOKEN_METER_INGEST_WRITERS", 2, 1, 32),
         )
         if problems:
             raise SettingsError(problems)

@@ -1,12 +1,21 @@
-"""The ingest service: validate a batch, store the valid events in one transaction, retry the
-transaction on a deadlock (concurrent batches touching the same rollup rows), count it all."""
+"""The ingest service: validate a batch, then hand its events to the writer, which stores the
+events of every request waiting at that moment in one transaction (group commit).
+
+Why so few writers: the rollup rows of busy consumers are touched by nearly every batch. Many
+concurrent transactions would queue on those row locks and each pay for its own commit; a writer
+taking everything that is waiting pays the rollup upserts and the commit once for all of them.
+Two writers (the default) overlap: one copies and dedupes its events while the other updates
+rollups and commits; both take rollup rows in key order, so they wait for, never deadlock with,
+each other. Each request is answered only after the commit that holds its events, so an
+acknowledged event is durable."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
@@ -19,10 +28,11 @@ from .store import StoreResult, store_events
 log = structlog.get_logger("token_meter.ingest")
 
 MAX_ATTEMPTS = 5
+DEFAULT_MAX_EVENTS_PER_TRANSACTION = 50_000
 
 # Runs inside the ingest transaction after the events are stored: the seam where credits and
 # quotas (burn, blocklist) join the same commit, so usage and balances never disagree.
-AfterStore = Callable[[asyncpg.Connection, list[UsageEvent], StoreResult], Awaitable[None]]
+AfterStore = Callable[[asyncpg.Connection, Sequence[Sequence[UsageEvent]]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,19 +50,61 @@ class IngestOutcome:
         }
 
 
+@dataclass(slots=True)
+class _Pending:
+    events: list[UsageEvent]
+    done: asyncio.Future[StoreResult] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
 class IngestService:
-    def __init__(self, pool: asyncpg.Pool, metrics: Metrics, *, max_events: int) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        metrics: Metrics,
+        *,
+        max_events: int,
+        max_events_per_transaction: int = DEFAULT_MAX_EVENTS_PER_TRANSACTION,
+        writers: int = 2,
+    ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.max_events = max_events
+        self.max_events_per_transaction = max(max_events_per_transaction, max_events)
         self.after_store: list[AfterStore] = []
+        self.writer_count = writers
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()  # None: stop one writer
+        self._writers: list[asyncio.Task[None]] = []
 
     def parse(self, body: bytes) -> ParsedBatch:
         return parse_batch(body, max_events=self.max_events, now=datetime.now(UTC))
 
+    async def start(self) -> None:
+        self._writers = [
+            asyncio.create_task(self._write_forever(), name=f"ingest-writer-{n}")
+            for n in range(self.writer_count)
+        ]
+
+    async def stop(self) -> None:
+        """Stores what is queued, then stops. aiohttp has finished its handlers by now."""
+        for _ in self._writers:
+            self._queue.put_nowait(None)
+        for writer in self._writers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+        self._writers = []
+
     async def ingest(self, batch: ParsedBatch) -> IngestOutcome:
         started = time.perf_counter()
-        result = await self._store(batch.events)
+        if batch.events:
+            if not any(not w.done() for w in self._writers):
+                raise RuntimeError("the ingest writers are not running")
+            pending = _Pending(batch.events)
+            self._queue.put_nowait(pending)
+            result = await pending.done
+        else:
+            result = StoreResult(0, 0)
         outcome = IngestOutcome(
             accepted=result.accepted,
             duplicates=result.duplicates,
@@ -67,17 +119,48 @@ class IngestService:
         m.batch_seconds.observe(time.perf_counter() - started)
         return outcome
 
-    async def _store(self, events: list[UsageEvent]) -> StoreResult:
-        if not events:
-            return StoreResult(0, 0, frozenset())
+    async def _write_forever(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                return
+            group = [first]
+            count = len(first.events)
+            while not self._queue.empty() and count < self.max_events_per_transaction:
+                pending = self._queue.get_nowait()
+                if pending is None:  # this writer stops after storing what it took
+                    stopping = True
+                    break
+                group.append(pending)
+                count += len(pending.events)
+            try:
+                results = await self._store([p.events for p in group])
+            except asyncio.CancelledError:
+                for p in group:
+                    p.done.cancel()
+                raise
+            except Exception as exc:  # the writer must outlive any failure
+                log.exception("ingest_transaction_failed", requests=len(group), events=count)
+                for p in group:
+                    if not p.done.done():
+                        p.done.set_exception(exc)
+                continue
+            self.metrics.transaction_requests.observe(len(group))
+            for p, result in zip(group, results, strict=True):
+                if not p.done.done():  # the request may have been cancelled by its client
+                    p.done.set_result(result)
+
+    async def _store(self, requests: list[list[UsageEvent]]) -> list[StoreResult]:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    result = await store_events(conn, events)
+                    results = await store_events(conn, requests)
                     for hook in self.after_store:
-                        await hook(conn, events, result)
-                    return result
+                        await hook(conn, requests)
+                    return results
             except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                # Other collectors on the same database may touch the same rollup rows.
                 if attempt == MAX_ATTEMPTS:
                     raise
                 self.metrics.db_retries.inc()

@@ -1,6 +1,7 @@
-"""Storing a batch: one transaction, a COPY into a session staging table, then one statement
-that dedupes by (source, id), appends the raw events, registers new consumers and updates the
-hourly and monthly rollups. No per-event round trip."""
+"""Storing events: per transaction, a binary COPY of the events of every waiting request into a
+session staging table, then one statement that dedupes them by (source, id), appends the raw
+events, registers new consumers and updates the hourly and monthly rollups. No per-event round
+trip. (COPY measured faster than one statement over unnested arrays at every batch size.)"""
 
 from __future__ import annotations
 
@@ -11,33 +12,44 @@ import asyncpg
 
 from .events import UsageEvent
 
-STAGING_COLUMNS = (
-    "ord",
-    "time",
-    "source",
-    "id",
-    "consumer",
-    "consumer_id",
-    "consumer_username",
-    "consumer_custom_id",
-    "route_id",
-    "route_name",
-    "service_id",
-    "service_name",
-    "provider",
-    "model",
-    "status",
-    "streamed",
-    "input_tokens",
-    "output_tokens",
-    "cached_input_tokens",
-    "cache_write_input_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "latency_ms",
-    "usage_missing",
+# (column, SQL type) of the staging table, in COPY order.
+BATCH_COLUMNS = (
+    ("request", "int4"),
+    ("time", "timestamptz"),
+    ("source", "text"),
+    ("id", "text"),
+    ("consumer", "text"),
+    ("consumer_id", "text"),
+    ("consumer_username", "text"),
+    ("consumer_custom_id", "text"),
+    ("route_id", "text"),
+    ("route_name", "text"),
+    ("service_id", "text"),
+    ("service_name", "text"),
+    ("provider", "text"),
+    ("model", "text"),
+    ("status", "int2"),
+    ("streamed", "bool"),
+    ("input_tokens", "int8"),
+    ("output_tokens", "int8"),
+    ("cached_input_tokens", "int8"),
+    ("cache_write_input_tokens", "int8"),
+    ("reasoning_tokens", "int8"),
+    ("total_tokens", "int8"),
+    ("latency_ms", "float8"),
+    ("usage_missing", "bool"),
 )
-EVENT_COLUMNS = ", ".join(STAGING_COLUMNS[1:])
+COPY_COLUMNS = tuple(name for name, _ in BATCH_COLUMNS)
+EVENT_COLUMNS = ", ".join(COPY_COLUMNS[1:])
+_KEY_COLUMNS = ("source", "id", "consumer", "model")  # compared byte-wise, as in the tables
+
+# Private to each session and emptied at every commit; created when a connection opens.
+_BYTEWISE = ' COLLATE "C"'
+STAGING_DDL = "CREATE TEMP TABLE IF NOT EXISTS staging_events ({}) ON COMMIT DELETE ROWS".format(
+    ", ".join(
+        f"{name} {kind}{_BYTEWISE if name in _KEY_COLUMNS else ''}" for name, kind in BATCH_COLUMNS
+    )
+)
 
 _ROLLUP_SUMS = """count(*), count(*) FILTER (WHERE usage_missing),
         sum(input_tokens), sum(output_tokens), sum(cached_input_tokens),
@@ -54,18 +66,19 @@ _ROLLUP_ADD = """events = {t}.events + EXCLUDED.events,
 _ROLLUP_COLUMNS = """events, usage_missing_events, input_tokens, output_tokens,
         cached_input_tokens, cache_write_input_tokens, reasoning_tokens, total_tokens"""
 
-# Rows are taken in key order everywhere so concurrent batches lock in the same order. The
-# first occurrence of a key inside one batch wins; a later one counts as a duplicate.
-STORE_STAGED = f"""
-WITH new_keys AS (
+# Keys within one transaction are unique already (see event_records), so the new ones join back to
+# their rows without a DISTINCT. Rows are taken in key order so transactions of collectors
+# sharing a database lock rollup rows in the same order and wait rather than deadlock.
+STORE_BATCH = f"""
+WITH batch AS (
+    SELECT * FROM staging_events
+), new_keys AS (
     INSERT INTO event_keys (source, id)
-    SELECT source, id FROM staging_events ORDER BY source, id
+    SELECT source, id FROM batch ORDER BY source, id  -- index locality
     ON CONFLICT DO NOTHING
     RETURNING source, id
 ), fresh AS (
-    SELECT DISTINCT ON (s.source, s.id) s.*
-    FROM staging_events s JOIN new_keys k ON s.source = k.source AND s.id = k.id
-    ORDER BY s.source, s.id, s.ord
+    SELECT b.* FROM batch b JOIN new_keys k ON b.source = k.source AND b.id = k.id
 ), stored AS (
     INSERT INTO usage_events ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM fresh
 ), seen AS (
@@ -83,7 +96,7 @@ WITH new_keys AS (
     FROM fresh GROUP BY 1, 2, 3 ORDER BY 1, 3, 2
     ON CONFLICT (consumer, month, model) DO UPDATE SET {_ROLLUP_ADD.format(t="usage_monthly")}
 )
-SELECT count(*) FROM fresh
+SELECT request, count(*) AS accepted FROM fresh GROUP BY request
 """
 
 
@@ -91,55 +104,62 @@ SELECT count(*) FROM fresh
 class StoreResult:
     accepted: int
     duplicates: int
-    consumers: frozenset[str]
 
 
-def event_records(events: Sequence[UsageEvent]) -> list[tuple[object, ...]]:
+def event_records(requests: Sequence[Sequence[UsageEvent]]) -> list[tuple[object, ...]]:
+    """COPY rows for the events of several requests, each (source, id) once: the earliest copy
+    wins and later ones count as duplicates. `request` tells whose events were new."""
     records: list[tuple[object, ...]] = []
-    for ordinal, e in enumerate(events):
-        d = e.data
-        records.append(
-            (
-                ordinal,
-                e.time,
-                e.source,
-                e.id,
-                e.subject,
-                d.consumer_id,
-                d.consumer_username,
-                d.consumer_custom_id,
-                d.route_id,
-                d.route_name,
-                d.service_id,
-                d.service_name,
-                d.provider,
-                d.model,
-                d.status,
-                d.streamed,
-                d.input_tokens,
-                d.output_tokens,
-                d.cached_input_tokens,
-                d.cache_write_input_tokens,
-                d.reasoning_tokens,
-                d.total_tokens,
-                d.latency_ms,
-                d.usage_missing,
+    seen: set[tuple[str, str]] = set()
+    for request, events in enumerate(requests):
+        for e in events:
+            key = (e.source, e.id)
+            if key in seen:
+                continue
+            seen.add(key)
+            d = e.data
+            records.append(
+                (
+                    request,
+                    e.time,
+                    e.source,
+                    e.id,
+                    e.subject,
+                    d.consumer_id,
+                    d.consumer_username,
+                    d.consumer_custom_id,
+                    d.route_id,
+                    d.route_name,
+                    d.service_id,
+                    d.service_name,
+                    d.provider,
+                    d.model,
+                    d.status,
+                    d.streamed,
+                    d.input_tokens,
+                    d.output_tokens,
+                    d.cached_input_tokens,
+                    d.cache_write_input_tokens,
+                    d.reasoning_tokens,
+                    d.total_tokens,
+                    d.latency_ms,
+                    d.usage_missing,
+                )
             )
-        )
     return records
 
 
-async def store_events(conn: asyncpg.Connection, events: Sequence[UsageEvent]) -> StoreResult:
-    """Store `events` durably; must run inside a transaction on a pool connection (whose
-    staging table empties at commit). Returns how many were new."""
-    if not events:
-        return StoreResult(0, 0, frozenset())
-    await conn.copy_records_to_table(
-        "staging_events", records=event_records(events), columns=STAGING_COLUMNS
-    )
-    accepted = await conn.fetchval(STORE_STAGED)
-    return StoreResult(
-        accepted=accepted,
-        duplicates=len(events) - accepted,
-        consumers=frozenset(e.subject for e in events),
-    )
+async def store_events(
+    conn: asyncpg.Connection, requests: Sequence[Sequence[UsageEvent]]
+) -> list[StoreResult]:
+    """Store the events of several requests durably, one result per request. Run it inside a
+    transaction: the caller's commit is what makes the events acknowledged."""
+    records = event_records(requests)
+    if not records:
+        return [StoreResult(0, 0) for _ in requests]
+    await conn.copy_records_to_table("staging_events", records=records, columns=COPY_COLUMNS)
+    accepted = {row["request"]: row["accepted"] for row in await conn.fetch(STORE_BATCH)}
+    return [
+        StoreResult(accepted.get(i, 0), len(events) - accepted.get(i, 0))
+        for i, events in enumerate(requests)
+    ]
