@@ -96,7 +96,12 @@ async def create_pool(url: str, *, min_size: int, max_size: int) -> asyncpg.Pool
         min_size=min_size,
         max_size=max_size,
         init=_init_connection,
-        server_settings={"timezone": "UTC", "application_name": "token-meter-collector"},
+        server_settings={
+            "timezone": "UTC",
+            "application_name": "token-meter-collector",
+            # A group of batches is sorted and hashed in memory rather than spilled to disk.
+            "work_mem": "64MB",
+        },
         command_timeout=60,
     )
     assert pool is not None

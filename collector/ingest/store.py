@@ -71,14 +71,14 @@ _ROLLUP_COLUMNS = """events, usage_missing_events, input_tokens, output_tokens,
 # sharing a database lock rollup rows in the same order and wait rather than deadlock.
 STORE_BATCH = f"""
 WITH batch AS (
-    SELECT * FROM staging_events
+    SELECT s.*, token_meter_event_key(s.source, s.id) AS key FROM staging_events s
 ), new_keys AS (
-    INSERT INTO event_keys (source, id)
-    SELECT source, id FROM batch ORDER BY source, id  -- index locality
+    INSERT INTO event_keys (key)
+    SELECT key FROM batch ORDER BY key  -- index locality
     ON CONFLICT DO NOTHING
-    RETURNING source, id
+    RETURNING key
 ), fresh AS (
-    SELECT b.* FROM batch b JOIN new_keys k ON b.source = k.source AND b.id = k.id
+    SELECT b.* FROM batch b JOIN new_keys USING (key)
 ), stored AS (
     INSERT INTO usage_events ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM fresh
 ), seen AS (
