@@ -1,0 +1,218 @@
+"""The plugin servers Kong starts: `token-meter-plugin` and `token-meter-log-plugin`.
+
+Each is a dedicated kong-pdk server for one plugin (Kong 3.9 keeps only the first plugin a
+server reports), with kong-pdk's embedded-server flags and Kong's defaults:
+
+    token-meter-plugin -dump                       # Kong's query command: plugin info as JSON
+    token-meter-plugin [-p PREFIX] [--socket-name NAME] [-g] [-v]
+
+The socket is `<prefix>/<plugin name>.socket`, which is where Kong 3.9 looks by default
+(kong-pdk would say `<name>.sock`, and the mismatch makes Kong spin: Kong/kong#9733). Served in
+threading mode unless `-g`; `-m` is accepted for compatibility but ignored, because a process pool
+loses the plugin's state and its background shipping (see KONG-PLUGIN-SERVER.md). Handlers use
+Python-style PDK returns: `--no-lua-style` is accepted and always in force.
+
+The -dump path writes the JSON and nothing else to stdout (Kong JSON-decodes all of it); logs
+go to stderr, which Kong joins into its error.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import gevent  # type: ignore[import-untyped]
+from kong_pdk.module import Module
+
+from .config import PHASES, PRIORITY, TOKEN_METER, TOKEN_METER_LOG, pdk_schema, plugin_info
+from .config import plugin_version as _plugin_version
+from .guards import GuardedPluginServer, GuardedRpcServer
+
+log = logging.getLogger("token_meter_plugin")
+
+DEFAULT_PREFIX: Final = "/usr/local/kong/"
+SHUTDOWN_GRACE_S: Final = 6.0
+
+_shutdown_hooks: list[Callable[[], None]] = []
+_shutdown_lock = threading.Lock()
+
+
+def on_shutdown(hook: Callable[[], None]) -> None:
+    """Run `hook` (bounded by SHUTDOWN_GRACE_S in all) before the server process exits."""
+    _shutdown_hooks.append(hook)
+
+
+def parse_args(plugin_name: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """kong-pdk's dedicated-server flags, with Kong's socket name as the default."""
+    parser = argparse.ArgumentParser(
+        prog=plugin_name, description=f"Kong plugin server for the {plugin_name} plugin."
+    )
+    parser.add_argument(
+        "-p",
+        "--kong-prefix",
+        "-kong-prefix",
+        dest="prefix",
+        default=DEFAULT_PREFIX,
+        help="directory of the Unix socket (Kong's prefix; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--socket-name",
+        dest="socket_name",
+        default=f"{plugin_name}.socket",
+        help="socket file name inside the prefix (default: %(default)s)",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logging")
+    parser.add_argument(
+        "--version", "-version", action="version", version=f"%(prog)s {_plugin_version()}"
+    )
+    parser.add_argument("--listen-queue-size", type=int, dest="listen_queue_size", default=4096)
+    parser.add_argument(
+        "--no-lua-style",
+        action="store_true",
+        dest="no_lua_style",
+        help="accepted for compatibility: Python-style PDK returns are always used",
+    )
+    parser.add_argument("--dump", "-dump", action="store_true", help="print plugin info as JSON")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("-g", "--gevent", action="store_true", help="serve with gevent")
+    modes.add_argument(
+        "-m",
+        "--multiprocessing",
+        action="store_true",
+        help="accepted for compatibility and ignored (threading mode is used)",
+    )
+    return parser.parse_args(argv)
+
+
+def configure_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _exit_process(reason: str, code: int = 0) -> None:
+    """Run the shutdown hooks once, then end the whole process (all threads)."""
+    if not _shutdown_lock.acquire(blocking=False):
+        return
+    log.info("server_exiting reason=%s", reason)
+    done = threading.Event()
+
+    def run_hooks() -> None:
+        for hook in _shutdown_hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("shutdown_hook_failed")
+        done.set()
+
+    threading.Thread(target=run_hooks, daemon=True).start()
+    if not done.wait(SHUTDOWN_GRACE_S):
+        log.error("shutdown_hooks_timeout seconds=%s", SHUTDOWN_GRACE_S)
+    logging.shutdown()
+    os._exit(code)
+
+
+def serve(
+    name: str,
+    plugin_class: type[Any],
+    *,
+    argv: Sequence[str] | None = None,
+    phases: Sequence[str] | None = None,
+    info: dict[str, Any] | None = None,
+) -> None:
+    """Dump the plugin's info or serve it: kong-pdk's `start_dedicated_server`, guarded."""
+    args = parse_args(name, argv)
+    plugin = plugin_info(name) if info is None else info
+    if args.dump:
+        # Kong's query command JSON-decodes all of stdout: the JSON and nothing else.
+        sys.stdout.write(json.dumps([plugin]))
+        sys.stdout.flush()
+        return
+
+    configure_logging(args.verbose)
+    if args.multiprocessing:
+        log.warning("multiprocessing_mode_ignored reason=state_and_shipping_lost_per_event")
+    if not Path(args.prefix).is_dir():
+        log.error("prefix_missing path=%s", args.prefix)
+        raise SystemExit(1)
+
+    ps = GuardedPluginServer(name=f"{name} version {plugin['Version']}", use_gevent=args.gevent)
+
+    class _Definition:
+        Plugin = plugin_class
+        Schema = plugin["Schema"]["fields"][-1]["config"]["fields"]
+        version = plugin["Version"]
+        priority = plugin["Priority"]
+
+    module = Module(name, module=_Definition)
+    if phases is not None:
+        module.phases = list(phases)
+    ps.plugins[name] = module
+
+    rpc = GuardedRpcServer(
+        ps,
+        args.prefix,
+        socket_name=args.socket_name,
+        use_gevent=args.gevent,
+        listen_queue_size=args.listen_queue_size,
+        on_parent_exit=_exit_process,
+    )
+
+    def cleanup_socket() -> None:
+        Path(rpc.path).unlink(missing_ok=True)
+
+    on_shutdown(cleanup_socket)
+
+    # Kong stops its plugin servers with SIGTERM: flush what the hooks hold, then exit.
+    def on_term(*_: Any) -> None:
+        threading.Thread(target=_exit_process, args=("SIGTERM",), daemon=True).start()
+
+    if args.gevent:
+        gevent.signal_handler(signal.SIGTERM, on_term)
+    else:
+        signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+
+    try:
+        rpc.serve_forever()
+    finally:
+        _exit_process("serve_forever returned", 1)
+
+
+def main_token_meter(argv: Sequence[str] | None = None) -> None:
+    """Console script `token-meter-plugin`: phases access and response."""
+    # Imported here, not at the top: the handler pulls in the whole plugin, which `serve` for
+    # another plugin class (the benchmark's baseline, the defect tests' faulty plugin) needs not.
+    from .handler import TokenMeter, shutdown  # noqa: PLC0415
+
+    on_shutdown(shutdown)
+    serve(TOKEN_METER, TokenMeter, argv=argv, phases=PHASES[TOKEN_METER])
+
+
+def main_token_meter_log(argv: Sequence[str] | None = None) -> None:
+    """Console script `token-meter-log-plugin`: phases access and log."""
+    from .handler import TokenMeterLog, shutdown  # noqa: PLC0415
+
+    on_shutdown(shutdown)
+    serve(TOKEN_METER_LOG, TokenMeterLog, argv=argv, phases=PHASES[TOKEN_METER_LOG])
+
+
+__all__ = [
+    "PRIORITY",
+    "main_token_meter",
+    "main_token_meter_log",
+    "on_shutdown",
+    "parse_args",
+    "pdk_schema",
+    "serve",
+]

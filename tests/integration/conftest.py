@@ -1,0 +1,50 @@
+"""Fixtures for the plugin-server tests: a fake collector and Kong-side harnesses."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness.collector import REPO_ROOT, TOKEN, VENV_BIN, FakeCollector
+from tests.harness.kong import HarnessFactory, KongHarness
+
+
+@pytest.fixture
+def collector() -> Iterator[FakeCollector]:
+    fake = FakeCollector()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def plugin_config(collector: FakeCollector, tmp_path: Path) -> dict[str, Any]:
+    """A config of just the two required fields, plus a spool inside the test's directory."""
+    return {
+        "collector_url": collector.url,
+        "collector_token": TOKEN,
+        "spool_dir": str(tmp_path / "spool"),
+    }
+
+
+@pytest.fixture
+def make_harness(tmp_path: Path) -> Iterator[HarnessFactory]:
+    """Start a plugin server as Kong does: `make_harness("token-meter-plugin", "-g")`."""
+    started: list[KongHarness] = []
+
+    def make(command: str | list[str], *extra_args: str, pool_size: int = 4) -> KongHarness:
+        cmd = [str(VENV_BIN / command)] if isinstance(command, str) else command
+        prefix = tmp_path / f"kong-{len(started)}"
+        prefix.mkdir()
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+        harness = KongHarness(cmd, prefix, extra_args=extra_args, pool_size=pool_size, env=env)
+        started.append(harness)
+        harness.start()
+        return harness
+
+    yield make
+    for harness in started:
+        harness.kill()
