@@ -28,6 +28,7 @@ class BlocklistFeed:
         self._changed = asyncio.Condition()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     @property
     def snapshot(self) -> BlocklistSnapshot:
@@ -37,6 +38,13 @@ class BlocklistFeed:
     async def start(self) -> None:
         await self.refresh()
         self._task = asyncio.create_task(self._listen_forever(), name="blocklist-listener")
+
+    async def release_waiters(self) -> None:
+        """Answer every waiting long poll now (with the current version): a shutting-down
+        collector must not hold its graceful-shutdown time on requests that only wait."""
+        self._closing = True
+        async with self._changed:
+            self._changed.notify_all()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -67,7 +75,7 @@ class BlocklistFeed:
     async def wait_for_change(self, known_version: int, wait: float) -> BlocklistSnapshot:
         """The snapshot as soon as its version is newer than `known_version`, or the current one
         when `wait` seconds pass."""
-        if self.snapshot.version > known_version:
+        if self.snapshot.version > known_version or self._closing:
             return self.snapshot
         if known_version > self.snapshot.version:
             # The client saw a newer version through another collector: our notification may be
@@ -78,7 +86,9 @@ class BlocklistFeed:
             async with self._changed:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
-                        self._changed.wait_for(lambda: self.snapshot.version > known_version),
+                        self._changed.wait_for(
+                            lambda: self.snapshot.version > known_version or self._closing
+                        ),
                         wait,
                     )
         finally:
@@ -109,4 +119,6 @@ class BlocklistFeed:
                     self._wake.clear()
                     await self.refresh()
             finally:
-                await conn.remove_listener(CHANNEL, self._on_notify)
+                # A connection the server closed is already detached: nothing to remove then.
+                with contextlib.suppress(asyncpg.InterfaceError, OSError):
+                    await conn.remove_listener(CHANNEL, self._on_notify)

@@ -1,0 +1,66 @@
+"""End-to-end: the plugin servers started as Kong starts them, the real collector process, and
+real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.conftest import CollectorProcess
+from tests.integration.conftest import make_harness  # noqa: F401 - the harness factory fixture
+
+INGEST_TOKEN = "e2e-ingest-token-0123456789"
+ADMIN_TOKEN = "e2e-admin-token-0123456789"
+
+
+@dataclass
+class Stack:
+    """The collector process on its own database, and how to look into that database."""
+
+    collector: CollectorProcess
+    database_url: str
+
+    def plugin_config(self, **extra: Any) -> dict[str, Any]:
+        return {"collector_url": self.collector.base_url, "collector_token": INGEST_TOKEN, **extra}
+
+    def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async def run() -> list[asyncpg.Record]:
+            conn = await asyncpg.connect(self.database_url)
+            try:
+                return list(await conn.fetch(sql, *args))
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
+    def stored_events(self) -> int:
+        return int(self.query("SELECT count(*) FROM usage_events")[0][0])
+
+    def wait_for_events(self, count: int, timeout: float = 60.0) -> int:
+        """Waits until the database holds `count` events (bounded); returns what it holds."""
+        deadline = time.monotonic() + timeout
+        stored = self.stored_events()
+        while stored < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+            stored = self.stored_events()
+        return stored
+
+
+@pytest.fixture
+def stack(collector_process_factory: Any, database_url: str) -> Iterator[Stack]:
+    proc = collector_process_factory(
+        database_url,
+        TOKEN_METER_INGEST_TOKEN=INGEST_TOKEN,
+        TOKEN_METER_ADMIN_TOKEN=ADMIN_TOKEN,
+        TOKEN_METER_LOG_LEVEL="info",
+    )
+    proc.start()
+    yield Stack(proc, database_url)
+    # Before the database is dropped (fixtures are torn down in reverse order of setup).
+    assert proc.stop() == 0, proc.log()[-3000:]
