@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench bench-ingest clean install
+.PHONY: run test lint typecheck bench bench-ingest bench-enforcement bench-plugin bench-parse clean install
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,10 +28,19 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: bench-ingest
+bench: bench-ingest bench-enforcement bench-plugin bench-parse
 
 bench-ingest: $(STAMP)
 	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
+
+bench-enforcement: $(STAMP)
+	$(BIN)/python -m bench.enforcement $(BENCH_ARGS)
+
+bench-plugin: $(STAMP)
+	$(BIN)/python -m bench.plugin $(BENCH_ARGS)
+
+bench-parse: $(STAMP)
+	$(BIN)/python -m bench.parse $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -12,14 +12,28 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .accounts.http import post_credits, put_consumer
+from .accounts.service import AccountService
 from .auth import Handler, Role, requires
 from .blocklist.feed import BlocklistFeed
 from .blocklist.http import get_blocklist
 from .database import create_pool, ensure_event_partitions, migrate
 from .ingest.http import post_events
 from .ingest.service import IngestService
-from .keys import BLOCKLIST, INGEST, LOG_FIELDS, METRICS, POOL, SETTINGS
+from .keys import (
+    ACCOUNTS,
+    BLOCKLIST,
+    INGEST,
+    LIFECYCLE,
+    LOG_FIELDS,
+    METRICS,
+    POOL,
+    PRICING,
+    SETTINGS,
+    Lifecycle,
+)
 from .observability import Metrics
+from .pricing.source import PriceBookSource
 from .problems import Problem
 from .settings import Settings
 from .usage.http import get_usage
@@ -28,6 +42,7 @@ log = structlog.get_logger("token_meter.http")
 
 PARTITION_MAINTENANCE_INTERVAL = 3600.0
 READINESS_TIMEOUT = 2.0
+POOL_CLOSE_TIMEOUT = 10.0
 
 
 @web.middleware
@@ -47,6 +62,8 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     except Exception:
         log.exception("request_failed", method=request.method, path=request.path)
         response = Problem(500, "internal-error", "Internal server error").response()
+    if request.app[LIFECYCLE].shutting_down:
+        response.force_close()
     elapsed = time.perf_counter() - started
     route = request.match_info.route.resource
     route_name = route.canonical if route is not None else "unmatched"
@@ -120,22 +137,39 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         app[POOL] = pool
         yield
     finally:
-        await pool.close()
+        # Graceful close waits for connections to come back; a database that went away must
+        # not hold the shutdown, so it is bounded.
+        try:
+            await asyncio.wait_for(pool.close(), POOL_CLOSE_TIMEOUT)
+        except TimeoutError:
+            log.warning("database_pool_close_timeout", seconds=POOL_CLOSE_TIMEOUT)
+            pool.terminate()
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    # Loaded before anything listens: a bad price book stops the start.
+    pricing = PriceBookSource(settings.price_book, app[METRICS])
+    app[PRICING] = pricing
+    accounts = AccountService(
+        app[POOL], app[METRICS], price_book_version=lambda: pricing.current().version
+    )
+    app[ACCOUNTS] = accounts
     ingest = IngestService(
         app[POOL],
         app[METRICS],
         max_events=settings.max_batch_events,
         writers=settings.ingest_writers,
     )
+    ingest.pricing = pricing.current
+    ingest.after_store.append(accounts.after_store)  # burn and rules in the ingest commit
     await ingest.start()
     app[INGEST] = ingest
     feed = BlocklistFeed(app[POOL], app[METRICS])
     await feed.start()
     app[BLOCKLIST] = feed
+    await pricing.start()
+    await accounts.start()
     maintenance = asyncio.create_task(_partition_maintenance(app), name="partitions")
     try:
         yield
@@ -143,6 +177,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         maintenance.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await maintenance
+        await accounts.stop()
+        await pricing.stop()
         await feed.stop()
         await ingest.stop()
 
@@ -156,6 +192,14 @@ async def _partition_maintenance(app: web.Application) -> None:
             log.exception("partition_maintenance_failed")
 
 
+async def _begin_shutdown(app: web.Application) -> None:
+    """From now on every answer closes its connection, so keep-alive clients (plugins polling
+    or shipping) move on and the graceful shutdown only waits for requests in flight."""
+    app[LIFECYCLE].shutting_down = True
+    if BLOCKLIST in app:
+        await app[BLOCKLIST].release_waiters()
+
+
 def create_app(settings: Settings) -> web.Application:
     """The collector app. `settings` must carry a database URL and both tokens."""
     if settings.ingest_token is None or settings.admin_token is None:
@@ -166,11 +210,15 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
+    app[LIFECYCLE] = Lifecycle()
+    app.on_shutdown.append(_begin_shutdown)
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_services)
     app.router.add_post("/v1/events", post_events)
     app.router.add_get("/v1/blocklist", get_blocklist)
     app.router.add_get("/v1/consumers/{consumer}/usage", get_usage)
+    app.router.add_put("/v1/consumers/{consumer}", put_consumer)
+    app.router.add_post("/v1/consumers/{consumer}/credits", post_credits)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)

@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import asyncpg
 from aiohttp import web
 
+from .accounts.service import AccountService
 from .blocklist.feed import BlocklistFeed
 from .ingest.service import IngestService
 from .observability import Metrics
+from .pricing.source import PriceBookSource
 from .settings import Settings
 
+
+@dataclass
+class Lifecycle:
+    """Mutable state of a running app (the app itself is frozen once started)."""
+
+    shutting_down: bool = False
+
+
 SETTINGS = web.AppKey("settings", Settings)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 METRICS = web.AppKey("metrics", Metrics)
 POOL = web.AppKey("pool", asyncpg.Pool)
 INGEST = web.AppKey("ingest", IngestService)
 BLOCKLIST = web.AppKey("blocklist", BlocklistFeed)
+ACCOUNTS = web.AppKey("accounts", AccountService)
+PRICING = web.AppKey("pricing", PriceBookSource)
 # Fields a handler adds to its request's canonical log line.
 LOG_FIELDS = web.RequestKey("log_fields", dict)

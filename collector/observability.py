@@ -117,3 +117,42 @@ class Metrics:
             "Transactions retried after a deadlock or serialization failure.",
             registry=r,
         )
+        # Prices, credits and quotas.
+        self.price_book_info = Gauge(
+            "token_meter_price_book_info",
+            "The price book in use (value 1), by version and currency.",
+            ["version", "currency"],
+            registry=r,
+        )
+        self.price_book_reloads = Counter(
+            "token_meter_price_book_reloads",
+            "Price book reloads, by outcome (loaded, failed: the previous book stays).",
+            ["outcome"],
+            registry=r,
+        )
+        self.unpriced_events = Counter(
+            "token_meter_unpriced_events",
+            "New events whose model the price book does not know (stored with no cost).",
+            registry=r,
+        )
+        self.credit_burned_nanos = Counter(
+            "token_meter_credit_burned_nanos",
+            "Prepaid credit burned by usage, in nano-units of the price book's currency.",
+            registry=r,
+        )
+        self.low_balance_crossings = Counter(
+            "token_meter_low_balance_crossings",
+            "Times a prepaid balance fell to or under its consumer's low-balance threshold.",
+            registry=r,
+        )
+        self.consumers_low_balance = Gauge(
+            "token_meter_consumers_low_balance",
+            "Prepaid consumers at or under their low-balance threshold (as of the last sweep).",
+            registry=r,
+        )
+        self.blocklist_transitions = Counter(
+            "token_meter_blocklist_transitions",
+            "Consumers put on (blocked) or taken off (unblocked) the blocklist, by reason.",
+            ["reason", "action"],
+            registry=r,
+        )

@@ -23,7 +23,7 @@ import structlog
 
 from ..observability import Metrics
 from .events import ParsedBatch, Rejection, UsageEvent, parse_batch
-from .store import StoreResult, store_events
+from .store import Pricing, StoreResult, store_events
 
 log = structlog.get_logger("token_meter.ingest")
 
@@ -73,6 +73,8 @@ class IngestService:
         self.max_events = max_events
         self.max_events_per_transaction = max(max_events_per_transaction, max_events)
         self.after_store: list[AfterStore] = []
+        # The price book to cost each transaction's events with (reloadable, so asked each time).
+        self.pricing: Callable[[], Pricing] | None = None
         self.writer_count = writers
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()  # None: stop one writer
         self._writers: list[asyncio.Task[None]] = []
@@ -155,7 +157,8 @@ class IngestService:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    results = await store_events(conn, requests)
+                    pricing = self.pricing() if self.pricing is not None else None
+                    results = await store_events(conn, requests, pricing)
                     for hook in self.after_store:
                         await hook(conn, requests)
                     return results

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import asyncpg
 
-from .events import UsageEvent
+from .events import UsageData, UsageEvent
 
 # (column, SQL type) of the staging table, in COPY order.
 BATCH_COLUMNS = (
@@ -38,6 +39,8 @@ BATCH_COLUMNS = (
     ("total_tokens", "int8"),
     ("latency_ms", "float8"),
     ("usage_missing", "bool"),
+    ("cost_nanos", "int8"),
+    ("price_book_version", "text"),
 )
 COPY_COLUMNS = tuple(name for name, _ in BATCH_COLUMNS)
 EVENT_COLUMNS = ", ".join(COPY_COLUMNS[1:])
@@ -49,6 +52,12 @@ STAGING_DDL = "CREATE TEMP TABLE IF NOT EXISTS staging_events ({}) ON COMMIT DEL
     ", ".join(
         f"{name} {kind}{_BYTEWISE if name in _KEY_COLUMNS else ''}" for name, kind in BATCH_COLUMNS
     )
+) + (
+    # What the transaction's NEW events (duplicates left out) add up to per consumer, for the
+    # after-store hooks (credits burn, quotas) that run in the same transaction.
+    '; CREATE TEMP TABLE IF NOT EXISTS fresh_usage (consumer text COLLATE "C" PRIMARY KEY,'
+    " events int8 NOT NULL, total_tokens int8 NOT NULL, cost_nanos int8 NOT NULL,"
+    " unpriced_events int8 NOT NULL) ON COMMIT DELETE ROWS"
 )
 
 _ROLLUP_SUMS = """count(*), count(*) FILTER (WHERE usage_missing),
@@ -95,9 +104,23 @@ WITH batch AS (
     SELECT consumer, coalesce(model, ''), date_trunc('month', time), {_ROLLUP_SUMS}
     FROM fresh GROUP BY 1, 2, 3 ORDER BY 1, 3, 2
     ON CONFLICT (consumer, month, model) DO UPDATE SET {_ROLLUP_ADD.format(t="usage_monthly")}
+), fresh_by_consumer AS (
+    INSERT INTO fresh_usage (consumer, events, total_tokens, cost_nanos, unpriced_events)
+    SELECT consumer, count(*), sum(total_tokens), coalesce(sum(cost_nanos), 0),
+           count(*) FILTER (WHERE cost_nanos IS NULL)
+    FROM fresh GROUP BY consumer
 )
 SELECT request, count(*) AS accepted FROM fresh GROUP BY request
 """
+
+
+class Pricing(Protocol):
+    """Prices each event as it is stored (collector/pricing's PriceBook is one)."""
+
+    @property
+    def version(self) -> str: ...
+
+    def cost_nanos(self, data: UsageData) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +129,14 @@ class StoreResult:
     duplicates: int
 
 
-def event_records(requests: Sequence[Sequence[UsageEvent]]) -> list[tuple[object, ...]]:
+def event_records(
+    requests: Sequence[Sequence[UsageEvent]], pricing: Pricing | None = None
+) -> list[tuple[object, ...]]:
     """COPY rows for the events of several requests, each (source, id) once: the earliest copy
-    wins and later ones count as duplicates. `request` tells whose events were new."""
+    wins and later ones count as duplicates. `request` tells whose events were new. Without
+    `pricing` events are stored with no cost."""
     records: list[tuple[object, ...]] = []
+    version = pricing.version if pricing is not None else None
     seen: set[tuple[str, str]] = set()
     for request, events in enumerate(requests):
         for e in events:
@@ -144,17 +171,22 @@ def event_records(requests: Sequence[Sequence[UsageEvent]]) -> list[tuple[object
                     d.total_tokens,
                     d.latency_ms,
                     d.usage_missing,
+                    pricing.cost_nanos(d) if pricing is not None else None,
+                    version,
                 )
             )
     return records
 
 
 async def store_events(
-    conn: asyncpg.Connection, requests: Sequence[Sequence[UsageEvent]]
+    conn: asyncpg.Connection,
+    requests: Sequence[Sequence[UsageEvent]],
+    pricing: Pricing | None = None,
 ) -> list[StoreResult]:
     """Store the events of several requests durably, one result per request. Run it inside a
-    transaction: the caller's commit is what makes the events acknowledged."""
-    records = event_records(requests)
+    transaction: the caller's commit is what makes the events acknowledged. The new events'
+    sums per consumer are left in the `fresh_usage` temp table until the commit."""
+    records = event_records(requests, pricing)
     if not records:
         return [StoreResult(0, 0) for _ in requests]
     await conn.copy_records_to_table("staging_events", records=records, columns=COPY_COLUMNS)

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 import msgspec
 from aiohttp import web
 
+from ..accounts.rules import micros_down
+from ..accounts.store import balance_nanos
 from ..auth import Role, requires
 from ..keys import POOL
 from ..problems import bad_request, not_found
@@ -48,6 +50,7 @@ async def get_usage(request: web.Request) -> web.Response:
             raise not_found(f"no consumer {consumer!r} has been seen")
         models = await usage_by_model(conn, consumer, start, end)
         month_used = await month_total_tokens(conn, consumer, now)
+        balance = await balance_nanos(conn, consumer) if account.prepaid else None
     totals = {k: sum(int(m[k] or 0) for m in models) for k in COUNTED}
     quota = account.monthly_token_quota
     body = {
@@ -55,7 +58,7 @@ async def get_usage(request: web.Request) -> web.Response:
         "from": start.isoformat().replace("+00:00", "Z"),
         "to": end.isoformat().replace("+00:00", "Z"),
         **totals,
-        "balance_micros": None,  # prepaid balances come with the credits ledger
+        "balance_micros": None if balance is None else micros_down(balance),
         "monthly_token_quota": quota,
         "quota_remaining_tokens": None if quota is None else quota - month_used,
         "by_model": models,

@@ -107,3 +107,19 @@ async def test_two_collectors_on_one_database_both_see_a_change(
         assert status == 200
         assert isinstance(body, dict)
         assert body["entries"][0]["consumer"] == "dave"
+
+
+async def test_shutdown_answers_waiting_long_polls_at_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A collector shutting down answers its long polls (304) instead of holding them for the
+    whole wait, so a graceful shutdown is quick."""
+    async with run_collector_app(make_settings(database_url, tmp_path)) as running:
+        poll = asyncio.create_task(get_blocklist(running, etag='"1"', wait=60))
+        await asyncio.sleep(0.3)
+        assert running.app is not None
+        started = time.monotonic()
+        await running.app.shutdown()
+        status, _, _ = await asyncio.wait_for(poll, 10)
+        assert status == 304
+        assert time.monotonic() - started < 10

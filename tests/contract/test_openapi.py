@@ -95,6 +95,11 @@ async def test_every_answer_matches_the_spec(
     admin = {"Authorization": f"Bearer {collector.admin_token}"}
     batch = json.dumps([usage_event("o1"), usage_event("o1"), {"id": 7}]).encode()
     ce = {"Content-Type": "application/cloudevents-batch+json"}
+    admin_json = {**admin, "Content-Type": "application/json"}
+    ingest_json = {**ingest, "Content-Type": "application/json"}
+    credits = "/v1/consumers/{consumer}/credits"
+    grant = b'{"amount_micros": 5000000, "idempotency_key": "k1"}'
+    regrant = b'{"amount_micros": 7000000, "idempotency_key": "k1"}'
     calls: list[tuple[str, str, str, dict[str, str], bytes | None]] = [
         ("POST", "/v1/events", "/v1/events", {**ingest, **ce}, batch),
         ("POST", "/v1/events", "/v1/events", {**ingest, **ce}, b"{"),
@@ -123,6 +128,19 @@ async def test_every_answer_matches_the_spec(
         ("GET", "/v1/consumers/alice/usage?from=x", "/v1/consumers/{consumer}/usage", admin, None),
         ("GET", "/v1/consumers/alice/usage", "/v1/consumers/{consumer}/usage", {}, None),
         ("GET", "/v1/consumers/alice/usage", "/v1/consumers/{consumer}/usage", ingest, None),
+        ("PUT", "/v1/consumers/carol", "/v1/consumers/{consumer}", admin_json, b'{"plan": "pro"}'),
+        ("PUT", "/v1/consumers/carol", "/v1/consumers/{consumer}", admin_json, b'{"plan": "x"}'),
+        ("PUT", "/v1/consumers/carol", "/v1/consumers/{consumer}", admin_json, b'{"nope": 1}'),
+        ("PUT", "/v1/consumers/carol", "/v1/consumers/{consumer}", admin, b'{"plan": "x"}'),
+        ("PUT", "/v1/consumers/carol", "/v1/consumers/{consumer}", {}, b"{}"),
+        ("PUT", "/v1/consumers/carol", "/v1/consumers/{consumer}", ingest_json, b"{}"),
+        ("POST", "/v1/consumers/carol/credits", credits, admin_json, grant),
+        ("POST", "/v1/consumers/carol/credits", credits, admin_json, grant),
+        ("POST", "/v1/consumers/carol/credits", credits, admin_json, regrant),
+        ("POST", "/v1/consumers/carol/credits", credits, admin_json, b'{"amount_micros": 0}'),
+        ("POST", "/v1/consumers/carol/credits", credits, admin, grant),
+        ("POST", "/v1/consumers/carol/credits", credits, {}, grant),
+        ("POST", "/v1/consumers/carol/credits", credits, ingest_json, grant),
         ("GET", "/healthz", "/healthz", {}, None),
         ("GET", "/readyz", "/readyz", {}, None),
         ("GET", "/metrics", "/metrics", admin, None),
@@ -135,6 +153,10 @@ async def test_every_answer_matches_the_spec(
             check_response(method, path, r.status, r.content_type, body)
             seen.add((path, r.status))
     assert ("/v1/events", 413) in seen and ("/v1/blocklist", 304) in seen
+    for path, status in [("/v1/consumers/{consumer}", s) for s in (200, 201, 400, 415, 401, 403)]:
+        assert (path, status) in seen
+    for status in (201, 409, 400, 415, 401, 403):
+        assert (credits, status) in seen
     await db.execute("INSERT INTO blocklist (consumer, reason) VALUES ('alice', 'quota_exceeded')")
     async with session.get(
         base + "/v1/blocklist?wait=5", headers={**ingest, "If-None-Match": '"1"'}

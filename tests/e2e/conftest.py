@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -25,9 +26,17 @@ class Stack:
 
     collector: CollectorProcess
     database_url: str
+    spool_dir: Path
 
     def plugin_config(self, **extra: Any) -> dict[str, Any]:
-        return {"collector_url": self.collector.base_url, "collector_token": INGEST_TOKEN, **extra}
+        """The two required fields, and a spool of this test's own: the default spool directory
+        is shared by every plugin server of the machine, which replays what it finds there."""
+        return {
+            "collector_url": self.collector.base_url,
+            "collector_token": INGEST_TOKEN,
+            "spool_dir": str(self.spool_dir),
+            **extra,
+        }
 
     def query(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         async def run() -> list[asyncpg.Record]:
@@ -53,7 +62,7 @@ class Stack:
 
 
 @pytest.fixture
-def stack(collector_process_factory: Any, database_url: str) -> Iterator[Stack]:
+def stack(collector_process_factory: Any, database_url: str, tmp_path: Path) -> Iterator[Stack]:
     proc = collector_process_factory(
         database_url,
         TOKEN_METER_INGEST_TOKEN=INGEST_TOKEN,
@@ -61,6 +70,6 @@ def stack(collector_process_factory: Any, database_url: str) -> Iterator[Stack]:
         TOKEN_METER_LOG_LEVEL="info",
     )
     proc.start()
-    yield Stack(proc, database_url)
+    yield Stack(proc, database_url, tmp_path / "spool")
     # Before the database is dropped (fixtures are torn down in reverse order of setup).
     assert proc.stop() == 0, proc.log()[-3000:]

@@ -141,7 +141,7 @@ def test_collector_down_for_a_minute_costs_no_event(
     PostgreSQL holds every event exactly once."""
     harness = make_harness("token-meter-plugin")
     # A short retry cap so the test does not wait out the default 30 s backoff after the outage.
-    config = stack.plugin_config(max_retry_delay=2, spool_dir=str(tmp_path / "spool"))
+    config = stack.plugin_config(max_retry_delay=2)
     request, usage = fixture_request("openai_chat")
     sent = 0
 

@@ -1,0 +1,304 @@
+"""`token-meter-admin`: the operator's command line over the collector's HTTP API.
+
+    token-meter-admin grant CONSUMER AMOUNT --key KEY   grant prepaid credit (AMOUNT in currency
+                                                        units, e.g. 25 or 12.50; once per key)
+    token-meter-admin set-quota CONSUMER N|none         monthly total-token quota, or none
+    token-meter-admin usage CONSUMER                    this month's usage, balance and quota
+    token-meter-admin blocklist                         who is blocked, and why
+
+The collector is TOKEN_METER_URL (default http://127.0.0.1:8787). The admin token comes from
+TOKEN_METER_ADMIN_TOKEN or TOKEN_METER_ADMIN_TOKEN_FILE, else from the `admin-token` file the
+collector generated in its data directory (TOKEN_METER_DATA_DIR). `blocklist` reads the
+plugins' endpoint, so it takes the ingest token the same way (TOKEN_METER_INGEST_TOKEN...).
+Tokens are never taken from the command line, where the process list would show them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+from .settings import default_data_dir
+
+DEFAULT_URL = "http://127.0.0.1:8787"
+TIMEOUT = 30.0
+MICROS = Decimal(1_000_000)
+
+
+class AdminError(Exception):
+    """Shown to the operator as one line; exit status 1."""
+
+
+def read_token(env: Mapping[str, str], kind: str) -> str:
+    name = f"TOKEN_METER_{kind.upper()}_TOKEN"
+    direct = env.get(name, "").strip()
+    if direct:
+        return direct
+    file_name = env.get(f"{name}_FILE", "").strip()
+    data_dir = Path(env.get("TOKEN_METER_DATA_DIR", "").strip() or default_data_dir())
+    path = Path(file_name) if file_name else data_dir.expanduser() / f"{kind}-token"
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise AdminError(
+            f"no {kind} token: set {name} or {name}_FILE, or run where {path} is readable"
+            f" ({exc.strerror})"
+        ) from None
+    if not token:
+        raise AdminError(f"the {kind} token file {path} is empty")
+    return token
+
+
+class Client:
+    def __init__(self, base_url: str, env: Mapping[str, str]) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.env = env
+
+    def call(
+        self, method: str, path: str, *, body: object = None, kind: str = "admin"
+    ) -> tuple[Any, Mapping[str, str]]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(  # noqa: S310 - the operator's own collector URL
+            self.base_url + path,
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {read_token(self.env, kind)}",
+                "Accept": "application/json",
+                **({"Content-Type": "application/json"} if data is not None else {}),
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
+                return json.loads(response.read() or b"null"), dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            raise AdminError(_problem_line(exc)) from None
+        except urllib.error.URLError as exc:
+            raise AdminError(
+                f"cannot reach the collector at {self.base_url}: {exc.reason}"
+            ) from None
+
+
+def _problem_line(exc: urllib.error.HTTPError) -> str:
+    try:
+        problem = json.loads(exc.read())
+    except (ValueError, OSError):
+        return f"HTTP {exc.code} {exc.reason}"
+    title = problem.get("title", exc.reason)
+    detail = problem.get("detail")
+    return f"HTTP {exc.code} {title}" + (f": {detail}" if detail else "")
+
+
+def money(micros: int | None) -> str:
+    """Micro-units as currency units, without losing a digit: 12500000 -> 12.50."""
+    if micros is None:
+        return "-"
+    value = Decimal(micros) / MICROS
+    text = f"{value:.6f}".rstrip("0")
+    whole, _, fraction = text.partition(".")
+    return f"{whole}.{fraction.ljust(2, '0')}"
+
+
+def parse_amount(text: str) -> int:
+    """Currency units (e.g. 25, 12.50) as micro-units; more than 6 decimals is refused."""
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise AdminError(f"amount must be a number of currency units, got {text!r}") from None
+    micros = value * MICROS
+    if not value.is_finite() or micros != micros.to_integral_value() or micros <= 0:
+        raise AdminError("amount must be positive, with at most 6 decimals")
+    return int(micros)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in headers], *[["-" if c is None else str(c) for c in r] for r in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [
+        all(_is_number(row[i]) for row in cells[1:]) and len(cells) > 1 for i in range(len(headers))
+    ]
+    lines = []
+    for n, row in enumerate(cells):
+        lines.append(
+            "  ".join(
+                cell.rjust(widths[i]) if numeric[i] else cell.ljust(widths[i])
+                for i, cell in enumerate(row)
+            ).rstrip()
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _is_number(text: str) -> bool:
+    return text.replace(",", "").replace(".", "").lstrip("-").isdigit() or text == "-"
+
+
+def fields(pairs: Sequence[tuple[str, object]]) -> str:
+    width = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k.ljust(width)}  {'-' if v is None else v}" for k, v in pairs)
+
+
+def _n(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def show_grant(grant: Mapping[str, Any], replayed: bool) -> str:
+    return fields(
+        [
+            ("consumer", grant["consumer"]),
+            ("granted", money(grant["amount_micros"])),
+            ("balance", money(grant["balance_micros"])),
+            ("idempotency key", grant["idempotency_key"]),
+            ("grant id", grant["grant_id"]),
+            ("granted at", grant["granted_at"]),
+            *([("note", "this key was used before: nothing new was granted")] if replayed else []),
+        ]
+    )
+
+
+def show_account(account: Mapping[str, Any]) -> str:
+    return fields(
+        [
+            ("consumer", account["consumer"]),
+            ("monthly quota", _n(account["monthly_token_quota"])),
+            ("prepaid", "yes" if account["prepaid"] else "no"),
+            ("balance", money(account["balance_micros"])),
+            ("overdraft", money(account["overdraft_micros"])),
+            ("low-balance warning at", money(account["low_balance_micros"])),
+            ("plan", account["plan"]),
+            ("stripe customer", account["stripe_customer_id"]),
+        ]
+    )
+
+
+def show_usage(usage: Mapping[str, Any]) -> str:
+    summary = fields(
+        [
+            ("consumer", usage["consumer"]),
+            ("period", f"{usage['from']} .. {usage['to']}"),
+            ("events", _n(usage["events"])),
+            ("input tokens", _n(usage["input_tokens"])),
+            ("output tokens", _n(usage["output_tokens"])),
+            ("total tokens", _n(usage["total_tokens"])),
+            ("monthly quota", _n(usage["monthly_token_quota"])),
+            ("quota remaining", _n(usage["quota_remaining_tokens"])),
+            ("balance", money(usage["balance_micros"])),
+        ]
+    )
+    rows = [
+        (
+            m["model"] or "(unknown)",
+            _n(m["events"]),
+            _n(m["input_tokens"]),
+            _n(m["cached_input_tokens"]),
+            _n(m["output_tokens"]),
+            _n(m["reasoning_tokens"]),
+            _n(m["total_tokens"]),
+        )
+        for m in usage["by_model"]
+    ]
+    if not rows:
+        return summary
+    headers = ("MODEL", "EVENTS", "INPUT", "CACHED", "OUTPUT", "REASONING", "TOTAL")
+    return summary + "\n\n" + table(headers, rows)
+
+
+def show_blocklist(snapshot: Mapping[str, Any]) -> str:
+    entries = snapshot["entries"]
+    head = f"blocklist version {snapshot['version']}: {len(entries)} consumer(s) blocked"
+    if not entries:
+        return head
+    rows = []
+    for e in entries:
+        detail = e.get("detail") or {}
+        if e["reason"] == "insufficient_credits":
+            why = f"balance {money(detail.get('balance_micros'))}"
+        else:
+            why = (
+                f"{_n(detail.get('used_tokens'))} of {_n(detail.get('monthly_token_quota'))}"
+                f" tokens until {detail.get('resets_at', '-')}"
+            )
+        rows.append((e["consumer"], ",".join(e.get("reasons", [e["reason"]])), e["since"], why))
+    return head + "\n\n" + table(("CONSUMER", "REASONS", "SINCE", "DETAIL"), rows)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="token-meter-admin",
+        description="Grant credit, set quotas and look at usage and the blocklist of a "
+        "token-meter collector.",
+        epilog="Tokens come from the environment or the collector's data directory, never from "
+        "arguments. See docs/quotas-and-credits.md.",
+    )
+    parser.add_argument("--url", help=f"the collector (default: TOKEN_METER_URL or {DEFAULT_URL})")
+    parser.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    commands = parser.add_subparsers(dest="command", required=True)
+    grant = commands.add_parser("grant", help="grant prepaid credit, once per idempotency key")
+    grant.add_argument("consumer")
+    grant.add_argument("amount", help="in currency units, e.g. 25 or 12.50")
+    grant.add_argument(
+        "--key", required=True, help="idempotency key: a retry with the same key grants once"
+    )
+    quota = commands.add_parser("set-quota", help="set or remove the monthly token quota")
+    quota.add_argument("consumer")
+    quota.add_argument("tokens", help="total tokens per UTC month, or 'none'")
+    usage = commands.add_parser("usage", help="this month's usage, balance and quota")
+    usage.add_argument("consumer")
+    commands.add_parser("blocklist", help="the consumers the gateways stop")
+    return parser
+
+
+def run(argv: Sequence[str] | None, env: Mapping[str, str]) -> str:
+    args = _parser().parse_args(argv)
+    client = Client(args.url or env.get("TOKEN_METER_URL") or DEFAULT_URL, env)
+    consumer = urllib.parse.quote(getattr(args, "consumer", ""), safe="")
+    answer: Any
+    if args.command == "grant":
+        amount = parse_amount(args.amount)
+        answer, headers = client.call(
+            "POST",
+            f"/v1/consumers/{consumer}/credits",
+            body={"amount_micros": amount, "idempotency_key": args.key},
+        )
+        text = show_grant(answer, replayed=headers.get("Idempotent-Replayed") == "true")
+    elif args.command == "set-quota":
+        if args.tokens.lower() == "none":
+            tokens = None
+        elif args.tokens.replace("_", "").replace(",", "").isdigit():
+            tokens = int(args.tokens.replace("_", "").replace(",", ""))
+        else:
+            raise AdminError(
+                f"quota must be a whole number of tokens or 'none', not {args.tokens!r}"
+            )
+        answer, _ = client.call(
+            "PUT", f"/v1/consumers/{consumer}", body={"monthly_token_quota": tokens}
+        )
+        text = show_account(answer)
+    elif args.command == "usage":
+        answer, _ = client.call("GET", f"/v1/consumers/{consumer}/usage")
+        text = show_usage(answer)
+    else:
+        answer, _ = client.call("GET", "/v1/blocklist", kind="ingest")
+        text = show_blocklist(answer)
+    return json.dumps(answer, indent=2) if args.json else text
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    try:
+        print(run(argv, os.environ))
+    except AdminError as exc:
+        print(f"token-meter-admin: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
