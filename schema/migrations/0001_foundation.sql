@@ -18,15 +18,10 @@ CREATE TABLE consumers (
 
 -- Dedupe lives in its own small table: a unique index on the partitioned events table would
 -- have to include the partition key. Pruned past the replay horizon by received_at. The key is
--- 128 bits of SHA-256 over (source, id), length-prefixed so no two pairs share an input: a
--- 16-byte key keeps the index small and its inserts fast, whatever the ids look like.
-CREATE FUNCTION token_meter_event_key(source text, id text) RETURNS uuid
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-RETURN encode(substring(sha256(convert_to(length(source) || ':' || source || id, 'UTF8'))
-                        FROM 1 FOR 16), 'hex')::uuid;
-
+-- a 16-byte BLAKE2b digest of (source, id), made by the collector (ingest/store.py): a short
+-- fixed-size key keeps the index small and its inserts fast, whatever the ids look like.
 CREATE TABLE event_keys (
-    key uuid PRIMARY KEY,
+    key bytea PRIMARY KEY CHECK (length(key) = 16),
     received_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX event_keys_received_at ON event_keys USING brin (received_at);
