@@ -55,14 +55,20 @@ def pg_admin_url() -> Iterator[str]:
         server.stop()
 
 
-@pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def template_database(pg_admin_url: str) -> str:
-    conn = await asyncpg.connect(pg_admin_url)
+async def recreate_database(admin_url: str, name: str) -> str:
+    """An empty database `name` (dropped first if it exists); returns its URL."""
+    conn = await asyncpg.connect(admin_url)
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{TEMPLATE_DB}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{TEMPLATE_DB}"')
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
+    return with_database(admin_url, name)
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def template_database(pg_admin_url: str) -> str:
+    await recreate_database(pg_admin_url, TEMPLATE_DB)
     pool = await create_pool(with_database(pg_admin_url, TEMPLATE_DB), min_size=1, max_size=1)
     try:
         await migrate(pool)

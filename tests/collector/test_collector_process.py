@@ -15,7 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests.conftest import VENV_BIN, CollectorProcess, with_database
+from tests.conftest import VENV_BIN, CollectorProcess, recreate_database
 from tests.factories import usage_event
 
 
@@ -142,14 +142,7 @@ async def test_two_collectors_migrating_one_database_at_once(
     pg_admin_url: str, collector_process_factory: Any
 ) -> None:
     """Collectors started together on an empty database take turns migrating."""
-    name = "tm_concurrent_migrations"
-    conn = await asyncpg.connect(pg_admin_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    url = with_database(pg_admin_url, name)
+    url = await recreate_database(pg_admin_url, "tm_concurrent_migrations")
     tokens = {"TOKEN_METER_INGEST_TOKEN": "i" * 32, "TOKEN_METER_ADMIN_TOKEN": "a" * 32}
     procs = [collector_process_factory(url, **tokens) for _ in range(2)]
     for p in procs:
