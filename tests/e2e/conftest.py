@@ -4,7 +4,10 @@ real PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +50,24 @@ class Stack:
                 await conn.close()
 
         return asyncio.run(run())
+
+    def api(
+        self, method: str, path: str, body: Any = None, *, token: str = ADMIN_TOKEN
+    ) -> tuple[int, Any]:
+        """One call of the collector's HTTP API (the admin token by default): status and
+        decoded JSON body (None when empty)."""
+        request = urllib.request.Request(  # noqa: S310 (the test's own http:// collector)
+            self.collector.base_url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, raw = error.code, error.read()
+        return status, json.loads(raw) if raw else None
 
     def stored_events(self) -> int:
         return int(self.query("SELECT count(*) FROM usage_events")[0][0])
