@@ -81,7 +81,9 @@ BEGIN
 END $$;
 SELECT token_meter_ensure_partitions(now());
 
--- Rollups: one row per consumer, model ('' when unknown) and UTC hour / month.
+-- Rollups: one row per consumer, model ('' when unknown) and UTC hour / month. Every batch
+-- updates most of the current rows; half-empty pages let those updates stay on their page
+-- (HOT: no new index entry), which makes them several times cheaper.
 CREATE TABLE usage_hourly (
     consumer text COLLATE "C" NOT NULL,
     model text COLLATE "C" NOT NULL,
@@ -95,7 +97,7 @@ CREATE TABLE usage_hourly (
     reasoning_tokens bigint NOT NULL,
     total_tokens bigint NOT NULL,
     PRIMARY KEY (consumer, hour, model)
-);
+) WITH (fillfactor = 50);
 
 CREATE TABLE usage_monthly (
     consumer text COLLATE "C" NOT NULL,
@@ -110,7 +112,7 @@ CREATE TABLE usage_monthly (
     reasoning_tokens bigint NOT NULL,
     total_tokens bigint NOT NULL,
     PRIMARY KEY (consumer, month, model)
-);
+) WITH (fillfactor = 50);
 
 -- The blocklist: one row per consumer and reason. Every change bumps the single version
 -- counter and notifies every collector listening on the channel, in the same transaction.
