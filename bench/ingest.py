@@ -13,26 +13,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import secrets
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import psutil
 
-from token_meter_collector.database import EmbeddedPostgres, ensure_database
+from bench.stack import collector_stack
 
 MODELS = [
     ("openai", "gpt-4o-2024-08-06"),
@@ -83,17 +75,6 @@ def make_events(count: int, seed: int) -> list[dict[str, Any]]:
             }
         )
     return events
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
 @dataclass
@@ -184,52 +165,13 @@ async def copy_baseline(url: str, events: list[dict[str, Any]]) -> float:
 
 
 async def run(args: argparse.Namespace) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix="token-meter-bench-"))
-    embedded = None
-    admin_url = args.database_url or os.environ.get("TEST_DATABASE_URL")
-    if not admin_url:
-        embedded = EmbeddedPostgres.start(tmp / "pgdata")
-        admin_url = embedded.url("postgres")
-    db_name = f"bench_{secrets.token_hex(4)}"
-    if embedded is not None:
-        url = await embedded.prepare(db_name)  # tuned as the collector tunes it
-    else:
-        await ensure_database(admin_url, db_name)
-        url = with_database(admin_url, db_name)
-    postmaster = psutil.Process(embedded.server.get_pid()) if embedded else None
-    port = free_port()
-    ingest_token = secrets.token_urlsafe(24)
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "TOKEN_METER_PORT": str(port),
-        "TOKEN_METER_INGEST_TOKEN": ingest_token,
-        "TOKEN_METER_ADMIN_TOKEN": secrets.token_urlsafe(24),
-        "TOKEN_METER_DATA_DIR": str(tmp / "data"),
-        "TOKEN_METER_LOG_LEVEL": "warning",
-        "TOKEN_METER_LOG_FORMAT": "json",
-    }
-    bin_dir = Path(sys.executable).parent
-    collector = subprocess.Popen(  # noqa: ASYNC220 - started once, before timing
-        [str(bin_dir / "token-meter-collector")],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp / "collector.log").open("wb"),
-    )
-    try:
-        for _ in range(300):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                await asyncio.sleep(0.1)
-        conn = await asyncpg.connect(url)
-        durability = {k: await conn.fetchval(f"SHOW {k}") for k in ("fsync", "synchronous_commit")}
-        await conn.close()
-        print(f"PostgreSQL durability: {durability}; CPUs: {os.cpu_count()}")
+    async with collector_stack(args, ("collector",)) as stack:
+        url = stack.database_url
+        postmaster = psutil.Process(stack.postmaster_pid) if stack.postmaster_pid else None
+        ingest_token = stack.ingest_token
         print(f"events per run: {args.events}; concurrency: {args.concurrency}\n")
-        ingest_url = f"http://127.0.0.1:{port}/v1/events"
-        proc = psutil.Process(collector.pid)
+        ingest_url = f"{stack.urls[0]}/v1/events"
+        proc = psutil.Process(stack.collector_pids[0])
         header = (
             f"{'batch':>6} {'events/s':>10} {'seconds':>8}  "
             f"{'cpu collector':>14} {'cpu postgres':>13} {'cpu loadgen':>12}"
@@ -264,18 +206,13 @@ async def run(args: argparse.Namespace) -> None:
         print(f"\nbaseline, bare COPY of the same rows (batches of 5000): {baseline:,.0f} rows/s")
         for batch_size, rate in results.items():
             print(f"  batch {batch_size:>5}: collector ingest = {rate / baseline:.2f} x bare COPY")
-    finally:
-        collector.terminate()
-        collector.wait(30)
-        if embedded is not None:
-            embedded.stop()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=200_000, help="events per batch size")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 1000, 5000])
-    parser.add_argument("--concurrency", type=int, default=4, help="parallel requests")
+    parser.add_argument("--concurrency", type=int, default=8, help="parallel requests")
     parser.add_argument("--database-url", help="an existing PostgreSQL (admin URL)")
     asyncio.run(run(parser.parse_args()))
 
