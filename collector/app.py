@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 import structlog
 from aiohttp import web
@@ -20,6 +21,7 @@ from .blocklist.http import get_blocklist
 from .database import create_pool, ensure_event_partitions, migrate
 from .ingest.http import post_events
 from .ingest.service import IngestService
+from .ingest.store import prune_event_keys
 from .keys import (
     ACCOUNTS,
     BLOCKLIST,
@@ -40,7 +42,7 @@ from .usage.http import get_usage
 
 log = structlog.get_logger("token_meter.http")
 
-PARTITION_MAINTENANCE_INTERVAL = 3600.0
+MAINTENANCE_INTERVAL = 3600.0
 READINESS_TIMEOUT = 2.0
 POOL_CLOSE_TIMEOUT = 10.0
 
@@ -160,6 +162,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         app[METRICS],
         max_events=settings.max_batch_events,
         writers=settings.ingest_writers,
+        dedupe_horizon=timedelta(days=settings.dedupe_horizon_days),
     )
     ingest.pricing = pricing.current
     ingest.after_store.append(accounts.after_store)  # burn and rules in the ingest commit
@@ -170,7 +173,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[BLOCKLIST] = feed
     await pricing.start()
     await accounts.start()
-    maintenance = asyncio.create_task(_partition_maintenance(app), name="partitions")
+    maintenance = asyncio.create_task(_maintenance(app), name="maintenance")
     try:
         yield
     finally:
@@ -183,13 +186,18 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await ingest.stop()
 
 
-async def _partition_maintenance(app: web.Application) -> None:
+async def _maintenance(app: web.Application) -> None:
+    """Hourly: partitions for the coming month, and dedupe keys past the horizon forgotten."""
+    horizon = timedelta(days=app[SETTINGS].dedupe_horizon_days)
     while True:
-        await asyncio.sleep(PARTITION_MAINTENANCE_INTERVAL)
+        await asyncio.sleep(MAINTENANCE_INTERVAL)
         try:
             await ensure_event_partitions(app[POOL])
+            removed = await prune_event_keys(app[POOL], horizon)
+            if removed:
+                log.info("event_keys_pruned", removed=removed, horizon_days=horizon.days)
         except Exception:
-            log.exception("partition_maintenance_failed")
+            log.exception("maintenance_failed")
 
 
 async def _begin_shutdown(app: web.Application) -> None:

@@ -64,6 +64,7 @@ class Settings:
     shutdown_timeout: float
     blocklist_max_wait: float
     ingest_writers: int
+    dedupe_horizon_days: int
 
     @property
     def embedded_database(self) -> bool:
@@ -142,6 +143,7 @@ class Settings:
             shutdown_timeout=reader.number("TOKEN_METER_SHUTDOWN_TIMEOUT", 30.0, 0.0, 3600.0),
             blocklist_max_wait=reader.number("TOKEN_METER_BLOCKLIST_MAX_WAIT", 60.0, 0.0, 60.0),
             ingest_writers=reader.integer("TOKEN_METER_INGEST_WRITERS", 2, 1, 32),
+            dedupe_horizon_days=reader.integer("TOKEN_METER_DEDUPE_HORIZON_DAYS", 90, 2, 3650),
         )
         if problems:
             raise SettingsError(problems)

@@ -16,6 +16,9 @@ from msgspec import Meta
 
 MAX_TOKENS = 100_000_000  # no single AI request comes near this; larger is a broken sender
 MAX_FUTURE_SKEW = timedelta(hours=24)
+# Dedupe keys are kept this long after they arrive; an event older than that is refused rather
+# than risk counting a replay twice (see prune_event_keys). Far longer than a plugin's spool holds.
+DEFAULT_DEDUPE_HORIZON = timedelta(days=90)
 
 Tokens = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]
 OptionalText = Annotated[str, Meta(max_length=256)] | None
@@ -96,7 +99,9 @@ _decode_event = msgspec.json.Decoder(UsageEvent)
 _decode_id = msgspec.json.Decoder(_IdOnly)
 
 
-def parse_batch(body: bytes, *, max_events: int, now: datetime) -> ParsedBatch:
+def parse_batch(
+    body: bytes, *, max_events: int, now: datetime, horizon: timedelta = DEFAULT_DEDUPE_HORIZON
+) -> ParsedBatch:
     """Split a JSON array of events and validate each one on its own. Raises BatchError when the
     body is not a JSON array, and BatchTooLarge when it holds more than `max_events`."""
     try:
@@ -110,6 +115,7 @@ def parse_batch(body: bytes, *, max_events: int, now: datetime) -> ParsedBatch:
     events: list[UsageEvent] = []
     rejected: list[Rejection] = []
     latest = now + MAX_FUTURE_SKEW
+    oldest = now - horizon
     for index, raw in enumerate(raws):
         try:
             event = _decode_event.decode(raw)
@@ -118,6 +124,10 @@ def parse_batch(body: bytes, *, max_events: int, now: datetime) -> ParsedBatch:
             continue
         if event.time > latest:
             rejected.append(Rejection(index, event.id, "time is more than 24 hours in the future"))
+            continue
+        if event.time < oldest:
+            reason = f"time is older than the {horizon.days}-day dedupe horizon"
+            rejected.append(Rejection(index, event.id, reason))
             continue
         events.append(event)
     return ParsedBatch(events=events, rejected=rejected, size=len(raws))

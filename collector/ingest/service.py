@@ -16,13 +16,13 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import structlog
 
 from ..observability import Metrics
-from .events import ParsedBatch, Rejection, UsageEvent, parse_batch
+from .events import DEFAULT_DEDUPE_HORIZON, ParsedBatch, Rejection, UsageEvent, parse_batch
 from .store import Pricing, StoreResult, store_events
 
 log = structlog.get_logger("token_meter.ingest")
@@ -66,6 +66,7 @@ class IngestService:
         *,
         max_events: int,
         max_events_per_transaction: int = DEFAULT_MAX_EVENTS_PER_TRANSACTION,
+        dedupe_horizon: timedelta = DEFAULT_DEDUPE_HORIZON,
         writers: int = 2,
     ) -> None:
         self.pool = pool
@@ -76,11 +77,14 @@ class IngestService:
         # The price book to cost each transaction's events with (reloadable, so asked each time).
         self.pricing: Callable[[], Pricing] | None = None
         self.writer_count = writers
+        self.dedupe_horizon = dedupe_horizon
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()  # None: stop one writer
         self._writers: list[asyncio.Task[None]] = []
 
     def parse(self, body: bytes) -> ParsedBatch:
-        return parse_batch(body, max_events=self.max_events, now=datetime.now(UTC))
+        return parse_batch(
+            body, max_events=self.max_events, now=datetime.now(UTC), horizon=self.dedupe_horizon
+        )
 
     async def start(self) -> None:
         self._writers = [

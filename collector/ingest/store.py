@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Protocol
 
 import asyncpg
@@ -209,3 +210,24 @@ async def store_events(
         StoreResult(accepted.get(i, 0), len(events) - accepted.get(i, 0))
         for i, events in enumerate(requests)
     ]
+
+
+PRUNE_BATCH = 10_000
+
+
+async def prune_event_keys(pool: asyncpg.Pool, horizon: timedelta) -> int:
+    """Forget dedupe keys that arrived more than `horizon` ago, a bounded batch per transaction
+    so ingest never waits long on it. Safe: an event that old is refused at ingest."""
+    removed = 0
+    while True:
+        async with pool.acquire() as conn:
+            count = await conn.fetchval(
+                "WITH old AS (SELECT key FROM event_keys WHERE received_at < now() - $1::interval"
+                " LIMIT $2), gone AS (DELETE FROM event_keys k USING old WHERE k.key = old.key"
+                " RETURNING 1) SELECT count(*) FROM gone",
+                horizon,
+                PRUNE_BATCH,
+            )
+        removed += int(count)
+        if count < PRUNE_BATCH:
+            return removed

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+from datetime import timedelta
 
 import asyncpg
 
 from tests.conftest import RunningCollector
 from tests.factories import usage_event
+from token_meter_collector.ingest.store import prune_event_keys
+from token_meter_collector.keys import POOL
 
 
 async def stored_count(db: asyncpg.Connection) -> int:
@@ -242,3 +245,32 @@ async def test_metrics_count_outcomes(collector: RunningCollector) -> None:
     assert 'token_meter_db_pool_connections{state="max"}' in text
     status, _, _ = await collector.get("/metrics", token=collector.ingest_token)
     assert status == 403
+
+
+async def test_events_older_than_the_dedupe_horizon_are_rejected(
+    collector: RunningCollector, db: asyncpg.Connection
+) -> None:
+    """An event older than the horizon could be a replay whose dedupe key is already pruned:
+    refused with a reason rather than risk counting it twice."""
+    old = usage_event("ancient", time="2020-01-01T00:00:00Z")
+    _, body = await collector.post_events([old, usage_event("fresh")])
+    assert body["accepted"] == 1
+    assert body["rejected"][0]["id"] == "ancient"
+    assert "90-day dedupe horizon" in body["rejected"][0]["reason"]
+    assert await stored_count(db) == 1
+
+
+async def test_pruning_forgets_only_keys_past_the_horizon(
+    collector: RunningCollector, db: asyncpg.Connection
+) -> None:
+    await collector.post_events([usage_event(f"k{i}") for i in range(30)])
+    await db.execute(
+        "UPDATE event_keys SET received_at = now() - interval '91 days'"
+        " WHERE key IN (SELECT key FROM event_keys ORDER BY key LIMIT 12)"
+    )
+    assert collector.app is not None
+    removed = await prune_event_keys(collector.app[POOL], timedelta(days=90))
+    assert removed == 12
+    assert await db.fetchval("SELECT count(*) FROM event_keys") == 18
+    # the events themselves stay
+    assert await stored_count(db) == 30

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
+
 import asyncpg
 
 from tests.conftest import RunningCollector
@@ -69,27 +71,49 @@ async def test_quota_remaining_may_go_negative(
 
 
 async def test_periods_use_half_open_hour_ranges(collector: RunningCollector) -> None:
+    """Last month (inside the dedupe horizon, whatever today is): [from, to) on whole hours;
+    whole months read the monthly rollup, other spans the hourly one."""
+    this_month = datetime.now(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    last = (this_month - timedelta(days=1)).replace(day=10)
+
+    def at(day_offset: int, hour: int, minute: int = 0, second: int = 0) -> str:
+        moment = last + timedelta(days=day_offset, hours=hour, minutes=minute, seconds=second)
+        return moment.isoformat().replace("+00:00", "Z")
+
     await collector.post_events(
         [
-            usage_event("h1", time="2026-03-10T09:59:59Z", input_tokens=1, output_tokens=0),
-            usage_event("h2", time="2026-03-10T10:00:00Z", input_tokens=10, output_tokens=0),
-            usage_event("h3", time="2026-03-10T10:30:00Z", input_tokens=100, output_tokens=0),
-            usage_event("h4", time="2026-03-10T11:00:00Z", input_tokens=1000, output_tokens=0),
-            usage_event("h5", time="2026-04-01T00:00:00Z", input_tokens=10000, output_tokens=0),
+            usage_event("h1", time=at(0, 9, 59, 59), input_tokens=1, output_tokens=0),
+            usage_event("h2", time=at(0, 10), input_tokens=10, output_tokens=0),
+            usage_event("h3", time=at(0, 10, 30), input_tokens=100, output_tokens=0),
+            usage_event("h4", time=at(0, 11), input_tokens=1000, output_tokens=0),
+            usage_event("h5", time=iso(this_month), input_tokens=10000, output_tokens=0),
         ]
     )
-    _, usage = await collector.usage(
-        "alice", **{"from": "2026-03-10T10:00:00Z", "to": "2026-03-10T11:00:00Z"}
-    )
+    _, usage = await collector.usage("alice", **{"from": at(0, 10), "to": at(0, 11)})
     assert usage["input_tokens"] == 110
     _, usage = await collector.usage(
-        "alice", **{"from": "2026-03-01T00:00:00Z", "to": "2026-04-01T00:00:00Z"}
+        "alice", **{"from": iso(last.replace(day=1)), "to": iso(this_month)}
     )
     assert usage["input_tokens"] == 1111
+    two_hours_later_in_plus_two = (last + timedelta(hours=12, minutes=0)).astimezone(
+        timezone(timedelta(hours=2))
+    )
     _, usage = await collector.usage(
-        "alice", **{"from": "2026-03-10T12:00:00+02:00", "to": "2026-05-01T00:00:00Z"}
+        "alice",
+        **{
+            "from": two_hours_later_in_plus_two.isoformat(),
+            "to": iso(this_month + timedelta(days=40)),
+        },
+    )
+    assert usage["input_tokens"] == 10000
+    _, usage = await collector.usage(
+        "alice", **{"from": at(0, 10), "to": iso(this_month + timedelta(hours=1))}
     )
     assert usage["input_tokens"] == 11110
+
+
+def iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 async def test_bad_periods_are_400(collector: RunningCollector) -> None:
