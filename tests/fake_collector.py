@@ -20,6 +20,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client dropping its connection mid-request is what these tests provoke
+
+
 @dataclass
 class ReceivedBatch:
     """One POST /v1/events as the fake saw it."""
@@ -73,7 +80,7 @@ class FakeCollector:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> FakeCollector:
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), _handler_for(self))
+        server = _QuietServer(("127.0.0.1", self.port), _handler_for(self))
         server.daemon_threads = True
         self.port = server.server_address[1]
         self._server = server
