@@ -43,6 +43,7 @@ import aiohttp
 import asyncpg
 
 from bench.stack import Stack, collector_stack
+from bench.stats import percentile
 
 # gpt-4o at the built-in book's $2.50 / $10.00 per million: 100 * 2,500 + 20 * 10,000 nano.
 EVENT_COST_MICROS = 450
@@ -65,12 +66,6 @@ def event(consumer: str) -> dict[str, Any]:
             "status": 200,
         },
     }
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
-    return ordered[index]
 
 
 def line(name: str, samples: list[float]) -> str:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.stats import percentile
+
 BASELINE = "token-meter-baseline"
 
 
@@ -69,11 +71,6 @@ def measure(harness: Any, config: dict[str, Any], request: Any, n: int) -> list[
         harness.request(request, config)
         times.append(time.perf_counter() - start)
     return times
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
@@ -141,9 +138,9 @@ def main() -> None:
                 m50, b50 = statistics.median(meter_times), statistics.median(base_times)
                 print(
                     f"{label:>7} {encoding:>5} {len(meter_times):>4} | "
-                    f"{m50 * 1e3:>8.3f}ms {percentile(meter_times, 0.99) * 1e3:>7.3f}ms "
+                    f"{m50 * 1e3:>8.3f}ms {percentile(meter_times, 99) * 1e3:>7.3f}ms "
                     f"{len(meter_times) / sum(meter_times):>7.0f} | "
-                    f"{b50 * 1e3:>7.3f}ms {percentile(base_times, 0.99) * 1e3:>7.3f}ms "
+                    f"{b50 * 1e3:>7.3f}ms {percentile(base_times, 99) * 1e3:>7.3f}ms "
                     f"{len(base_times) / sum(base_times):>7.0f} | "
                     f"{m50 / b50:>9.2f} {(m50 - b50) * 1e3:>8.3f}ms"
                 )

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -27,18 +26,13 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from bench.stack import free_port, with_database
 from token_meter_collector.app import create_app
 from token_meter_collector.database import EmbeddedPostgres, create_pool, migrate
 from token_meter_collector.settings import Settings
 
 TEMPLATE_DB = "token_meter_test_template"
 VENV_BIN = Path(sys.executable).parent
-
-
-def with_database(url: str, name: str) -> str:
-    """`url` pointing at database `name` (works for host URLs and ?host=/socket URLs)."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
 @pytest.fixture(scope="session")
@@ -185,12 +179,6 @@ async def collector(database_url: str, tmp_path: Path) -> AsyncIterator[RunningC
     """The collector app on a real socket, on a fresh database."""
     async with run_collector_app(make_settings(database_url, tmp_path)) as running:
         yield running
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
