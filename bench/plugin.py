@@ -29,13 +29,19 @@ BASELINE = "token-meter-baseline"
 
 
 class Baseline:
-    """token-meter's PDK calls (handler.py, inject_stream_usage off), results ignored."""
+    """token-meter's PDK calls with an empty blocklist (handler.py), results ignored: with
+    `inject_stream_usage` the request headers and, for a JSON body, the body."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
+        self.inject = config.get("inject_stream_usage", True)
 
     def access(self, kong: Any) -> None:
-        kong.client.get_consumer()
+        if not self.inject:
+            return
+        headers = kong.request.get_headers()
+        if "json" in str((headers or {}).get("content-type")):
+            kong.request.get_raw_body(0)
 
     def response(self, kong: Any) -> None:
         kong.client.get_consumer()
@@ -73,6 +79,113 @@ def measure(harness: Any, config: dict[str, Any], request: Any, n: int) -> list[
     return times
 
 
+def chat_request_body(size: int) -> bytes:
+    """An OpenAI streaming chat request of about `size` bytes (a conversation)."""
+    turn = {"role": "user", "content": "Tell me more about the history of the printing press."}
+    messages = [turn] * max(1, size // 80)
+    return json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": messages}).encode()
+
+
+def run_concurrent(  # noqa: PLR0917 (one cell of the table)
+    harness: Any, config: dict[str, Any], body: bytes, workers: int, per_worker: int, n: int
+) -> tuple[list[float], float, float]:
+    """`workers` x `per_worker` client threads, each on its own worker's pooled connections:
+    Kong-side times of each request, requests per second, PDK round trips per request."""
+    import threading
+
+    from tests.harness.kong import ScriptedRequest
+
+    times: list[float] = []
+    trips: list[int] = []
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        for _ in range(n):
+            request = ScriptedRequest(body=body, upstream_body=openai_body(1024))
+            outcome = harness.request(request, config, worker=worker)
+            with lock:
+                times.append(outcome.elapsed)
+                trips.append(outcome.round_trips)
+
+    threads = [
+        threading.Thread(target=client, args=(w,))
+        for w in range(workers)
+        for _ in range(per_worker)
+    ]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    return times, len(times) / wall, sum(trips) / len(trips)
+
+
+def concurrent_main(quick: bool) -> None:
+    """4 workers x 8 concurrent requests, threading and gevent, 2 KiB and 20 KiB chat bodies,
+    token-meter (default config) beside the baseline, interleaved in the same run."""
+    from tests.harness.collector import TOKEN, VENV_BIN, FakeCollector
+    from tests.harness.kong import KongHarness
+
+    collector = FakeCollector()
+    work = Path(tempfile.mkdtemp(prefix="bench-plugin-"))
+    config = {"collector_url": collector.url, "collector_token": TOKEN}
+    config["spool_dir"] = str(work / "spool")
+    n = 10 if quick else 40
+    header = (
+        f"{'mode':>9} {'body':>6} | {'meter rt':>8} {'req/s':>7} {'p50':>8} {'p99':>8} | "
+        f"{'base rt':>7} {'req/s':>7} {'p50':>8} {'p99':>8} | {'req/s ratio':>11}"
+    )
+    print("4 workers x 8 concurrent requests each; times on Kong's side per request")
+    print(header)
+    print("-" * len(header))
+    try:
+        for label, mode in (("threading", []), ("gevent", ["-g"])):
+            meter = KongHarness(
+                [str(VENV_BIN / "token-meter-plugin")],
+                work / f"m-{label}",
+                extra_args=mode,
+                workers=4,
+            )
+            baseline = KongHarness(
+                [sys.executable, "-m", "bench.plugin", "--serve-baseline"],
+                work / f"b-{label}",
+                extra_args=mode,
+                workers=4,
+            )
+            meter.start()
+            baseline.start()
+            try:
+                for size, name in ((2 * 1024, "2KiB"), (20 * 1024, "20KiB")):
+                    body = chat_request_body(size)
+                    run_concurrent(meter, config, body, 4, 2, 3)  # warm: instances, caches
+                    run_concurrent(baseline, config, body, 4, 2, 3)
+                    m_times: list[float] = []
+                    b_times: list[float] = []
+                    m_rates, b_rates = [], []
+                    for _ in range(2):  # interleaved so drift hits both alike
+                        t, rate, m_rt = run_concurrent(meter, config, body, 4, 8, n // 2)
+                        m_times += t
+                        m_rates.append(rate)
+                        t, rate, b_rt = run_concurrent(baseline, config, body, 4, 8, n // 2)
+                        b_times += t
+                        b_rates.append(rate)
+                    m_rate, b_rate = statistics.mean(m_rates), statistics.mean(b_rates)
+                    print(
+                        f"{label:>9} {name:>6} | {m_rt:>8.1f} {m_rate:>7.0f} "
+                        f"{statistics.median(m_times) * 1e3:>6.2f}ms "
+                        f"{percentile(m_times, 99) * 1e3:>6.2f}ms | {b_rt:>7.1f} {b_rate:>7.0f} "
+                        f"{statistics.median(b_times) * 1e3:>6.2f}ms "
+                        f"{percentile(b_times, 99) * 1e3:>6.2f}ms | {m_rate / b_rate:>11.2f}"
+                    )
+            finally:
+                meter.stop()
+                baseline.stop()
+        print(f"events received by the fake collector: {len(collector.events())}")
+    finally:
+        collector.close()
+
+
 def main() -> None:
     if "--serve-baseline" in sys.argv:
         sys.argv.remove("--serve-baseline")
@@ -81,7 +194,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests per cell")
     parser.add_argument("-g", "--gevent", action="store_true", help="serve both with -g")
+    parser.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="4 workers x 8 concurrent requests, both modes, 2 KiB and 20 KiB chat bodies",
+    )
     args = parser.parse_args()
+    if args.concurrent:
+        concurrent_main(args.quick)
+        return
 
     from tests.harness.collector import TOKEN, VENV_BIN, FakeCollector
     from tests.harness.kong import KongHarness, ScriptedRequest

@@ -34,29 +34,26 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
-from .shipping import (
-    Backoff,
-    CollectorClient,
-    SettingsError,
-    collector_token_errors,
-    collector_url_errors,
-)
+from .delivery import Backoff, CollectorClient
 
 __all__ = [
     "BLOCKLIST_UNAVAILABLE",
     "INSUFFICIENT_CREDITS",
+    "PAYMENT_OVERDUE",
     "QUOTA_EXCEEDED",
     "Blocklist",
     "BlocklistSettings",
     "BlocklistSnapshot",
     "block_response",
     "get_blocklist",
+    "is_anthropic_path",
 ]
 
 logger = logging.getLogger("token_meter_plugin")
 
 INSUFFICIENT_CREDITS: Final = "insufficient_credits"
 QUOTA_EXCEEDED: Final = "quota_exceeded"
+PAYMENT_OVERDUE: Final = "payment_overdue"
 BLOCKLIST_UNAVAILABLE: Final = "blocklist_unavailable"
 
 MAX_WAIT: Final = 60  # the collector holds a long poll at most this long (contract 3)
@@ -68,6 +65,14 @@ def _log(level: int, event: str, **fields: Any) -> None:
     if logger.isEnabledFor(level):
         detail = " ".join(f"{key}={value}" for key, value in fields.items())
         logger.log(level, "%s %s", event, detail, extra={"token_meter": {"event": event, **fields}})
+
+
+class SettingsError(ValueError):
+    """Invalid settings; ``errors`` lists every problem found, not just the first."""
+
+    def __init__(self, what: str, errors: list[str]) -> None:
+        super().__init__(f"invalid {what}: " + "; ".join(errors))
+        self.errors = errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +95,8 @@ class BlocklistSettings:
     max_retry_delay: float = 5.0
 
     def __post_init__(self) -> None:
-        errors = collector_url_errors(self.collector_url)
-        errors += collector_token_errors(self.collector_token)
+        # The Kong schema validates the URL and token; these rules are the blocklist's own.
+        errors = []
         if not 0 <= self.blocklist_wait <= MAX_WAIT:
             errors.append(f"blocklist_wait must be between 0 and {MAX_WAIT} seconds")
         if self.blocklist_max_stale <= self.blocklist_wait:
@@ -168,6 +173,13 @@ class Blocklist:
         ) and not settings.fail_open:
             return BLOCKLIST_UNAVAILABLE
         return snapshot.entries.get(consumer)
+
+    def may_block(self) -> bool:
+        """Whether `check` could block anyone now: a non-empty list, or a stale one with
+        fail-closed. When not, the access phase need not ask Kong who the consumer is."""
+        if self._snapshot.entries:
+            return True
+        return not self._settings.fail_open and self.is_stale()
 
     def snapshot(self) -> BlocklistSnapshot:
         """The current list, as one consistent version."""
@@ -326,22 +338,31 @@ def close_all() -> None:
 
 class _Block(NamedTuple):
     status: int
-    type: str
+    openai_type: str
+    anthropic_type: str
     message: str
     retry: bool
 
 
+_PREPAID_MESSAGE: Final = (
+    "You have run out of prepaid credit for this API. Add credit to your account, then retry "
+    "the request."
+)
 _BLOCKS: Final = {
     INSUFFICIENT_CREDITS: _Block(
+        402, "insufficient_quota", "billing_error", _PREPAID_MESSAGE, retry=False
+    ),
+    PAYMENT_OVERDUE: _Block(
         402,
         "insufficient_quota",
-        "You have run out of prepaid credit for this API. Add credit to your account, then "
-        "retry the request.",
+        "billing_error",
+        "An invoice of your account is unpaid or overdue. Pay it, then retry the request.",
         retry=False,
     ),
     QUOTA_EXCEEDED: _Block(
         429,
         "insufficient_quota",
+        "rate_limit_error",
         "You have used all the tokens of your monthly quota for this API. Usage resets at the "
         "start of next month (UTC); ask for a higher quota to continue now.",
         retry=False,
@@ -351,6 +372,7 @@ _BLOCKS: Final = {
     BLOCKLIST_UNAVAILABLE: _Block(
         503,
         "service_unavailable",
+        "api_error",
         "The gateway cannot verify your remaining credit and quota right now. Retry in a few "
         "seconds.",
         retry=True,
@@ -358,28 +380,49 @@ _BLOCKS: Final = {
 }
 _SAFE_CODE = re.compile(r"^[a-z0-9_]{1,64}$")
 _RETRY_AFTER_SECONDS: Final = "5"
+# Anthropic's Messages API (and its token counting) as the client called it, behind any prefix
+# the Kong route adds: `/anthropic/v1/messages`.
+_ANTHROPIC_PATH = re.compile(r"/v1/messages(?:/count_tokens)?/?$")
 
 
-def block_response(reason: str) -> tuple[int, bytes, dict[str, str]]:
+def is_anthropic_path(path: object) -> bool:
+    """Whether a request path is Anthropic's Messages API, which has its own error shape."""
+    return isinstance(path, str) and _ANTHROPIC_PATH.search(path.split("?", 1)[0]) is not None
+
+
+def block_response(reason: str, *, anthropic: bool = False) -> tuple[int, bytes, dict[str, str]]:
     """Status, JSON body and headers for a request blocked with ``reason`` (contract 1).
 
-    A reason this version does not know (a newer collector's) still blocks, with 403.
+    OpenAI's error shape by default, Anthropic's (``{"type": "error", "error": {...}}``) for an
+    Anthropic route. A reason this version does not know (a newer collector's) still blocks,
+    with 402 and that code.
     """
     code = reason if _SAFE_CODE.match(reason) else "blocked"
     block = _BLOCKS.get(code) or _Block(
-        403,
-        "permission_denied",
+        402,
+        "insufficient_quota",
+        "billing_error",
         f"Requests from your account to this API are blocked (reason: {code}).",
         retry=False,
     )
-    body = msgspec.json.encode(
-        {"error": {"message": block.message, "type": block.type, "param": None, "code": code}}
-    )
+    error: dict[str, Any]
+    if anthropic:
+        error = {"type": "error", "error": {"type": block.anthropic_type, "message": block.message}}
+    else:
+        error = {
+            "error": {
+                "message": block.message,
+                "type": block.openai_type,
+                "param": None,
+                "code": code,
+            }
+        }
     headers = {
         "Content-Type": "application/json",
         "X-Token-Meter-Reason": code,
+        # Both OpenAI's and Anthropic's SDKs obey it.
         "x-should-retry": "true" if block.retry else "false",
     }
     if block.retry:
         headers["Retry-After"] = _RETRY_AFTER_SECONDS
-    return block.status, body, headers
+    return block.status, msgspec.json.encode(error), headers

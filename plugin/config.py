@@ -15,7 +15,6 @@ import json
 import re
 import socket
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,23 @@ Scalar = str | int | float | bool
 
 MIB: Final = 1024 * 1024
 GIB: Final = 1024 * MIB
+
+# Kong's prefix where Kong 3.0-3.8 keep sockets; 3.9 uses its own prefix, passed with `-p`.
+DEFAULT_KONG_PREFIX: Final = "/usr/local/kong"
+SPOOL_DIR_NAME: Final = "token-meter-spool"
+_kong_prefix = DEFAULT_KONG_PREFIX
+
+
+def set_kong_prefix(prefix: str) -> None:
+    """The prefix the plugin server was started with (`-p`): the default journal's root."""
+    global _kong_prefix
+    _kong_prefix = prefix
+
+
+def default_spool_root() -> Path:
+    """`<Kong prefix>/token-meter-spool`: durable like Kong's own state, never a temp dir that
+    containers and reboots wipe."""
+    return Path(_kong_prefix) / SPOOL_DIR_NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,15 +169,17 @@ FIELDS: Final[tuple[ConfigField, ...]] = (
     ConfigField(
         "spool_dir",
         "string",
-        "Directory where events that cannot be held in memory or delivered are written until the "
-        "collector accepts them. Unset: a directory per plugin under the system temporary "
-        "directory.",
+        "Directory of the journal: every usage event is written there before the request goes "
+        "on, and stays until the collector accepted it, so a crash, restart or collector outage "
+        "loses nothing. Each plugin server uses its own subdirectory. Unset: "
+        "`<Kong prefix>/token-meter-spool`. Put it on a persistent volume.",
     ),
     ConfigField(
         "spool_max_bytes",
         "integer",
-        "Maximum size of the spool in bytes (default 8 GiB: days of a busy gateway's events). "
-        "Past it, each event that cannot be stored is counted and logged as an error.",
+        "Maximum size of the journal in bytes (default 8 GiB: days of a busy gateway's events "
+        "while the collector is unreachable). Past it, each event that cannot be stored is "
+        "counted and logged as an error.",
         default=8 * GIB,
         gt=0,
     ),
@@ -191,8 +209,9 @@ FIELDS: Final[tuple[ConfigField, ...]] = (
     ConfigField(
         "max_body_size",
         "integer",
-        "Maximum size in bytes of an upstream response body (after decompression) that is "
-        "parsed for usage; a larger body is recorded with `usage_missing`.",
+        "Maximum size in bytes of a body the plugin reads: an upstream response body (after "
+        "decompression) larger than this is recorded with `usage_missing`, and a request body "
+        "declared larger is not read for stream-usage injection.",
         default=32 * MIB,
         gt=0,
     ),
@@ -398,10 +417,9 @@ class PluginConfig:
         if problems:
             raise ConfigError(problems)
         values.setdefault("inject_stream_usage", False)
-        if not values["spool_dir"]:
-            values["spool_dir"] = str(
-                Path(tempfile.gettempdir()) / "token-meter-spool" / plugin_name
-            )
+        # One journal directory per plugin server, under the configured or the default root.
+        spool_root = Path(values["spool_dir"]) if values["spool_dir"] else default_spool_root()
+        values["spool_dir"] = str(spool_root / plugin_name)
         if not values["source"]:
             values["source"] = f"kong://{socket.gethostname()}"
         values["collector_url"] = values["collector_url"].rstrip("/")

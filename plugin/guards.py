@@ -1,4 +1,4 @@
-"""Guards against the defects of kong-pdk 0.36 (see KONG-PLUGIN-SERVER.md, "Defects").
+"""Guards against the defects of kong-pdk 0.36 (see docs/architecture.md, "kong-pdk 0.36 defects").
 
 kong-pdk is unmaintained; instead of patching its globals, the plugin server is built from
 subclasses of its classes that replace the faulty methods:
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
 import logging
 import os
 import queue
@@ -43,6 +44,7 @@ from kong_pdk.server import PluginServer
 log = logging.getLogger("token_meter_plugin")
 
 MSG_RET: Final = "ret"
+NOTIFICATION: Final = 2  # MessagePack-RPC message type of a notification: [2, label, args]
 TERMINAL_METHODS: Final = frozenset(("kong.response.exit", "kong.response.error"))
 
 # Kong gives up on a plugin-server call after lua_socket_read_timeout (60 s by default) and lets
@@ -79,6 +81,8 @@ def guard_phase(fn: Callable[[_T, Any], None]) -> Callable[[_T, Any], None]:
     def guarded(self: _T, kong: Any) -> None:
         try:
             fn(self, kong)
+        except EventAbandoned:
+            raise  # Kong has left this event: nothing to log per handler, the server logs it
         except Exception:
             log.exception("phase_failed phase=%s plugin=%s", fn.__name__, type(self).__name__)
 
@@ -89,7 +93,12 @@ def guard_phase(fn: Callable[[_T, Any], None]) -> Callable[[_T, Any], None]:
 
 
 class EventAbandoned(PDKException):  # type: ignore[misc]
-    """A PDK call after the event ended: after `kong.response.exit`, or after a timeout."""
+    """A PDK call after the event ended (`kind` "pdk_call_after_exit"), or a Step Kong never
+    sent ("event_abandoned")."""
+
+    def __init__(self, message: str, kind: str = "pdk_call_after_exit") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class _Queues(Protocol):
@@ -115,15 +124,28 @@ class EventChannel:
     The handler side refuses any message after a terminal method (`kong.response.exit`/`error`):
     Kong sends no Step after those, so a further PDK call would wait forever and leak its thread
     or greenlet (kong-python-pdk#137); instead it raises `EventAbandoned` in the handler at once.
+
+    A handler also stops waiting for a Step after HANDLER_TIMEOUT_S. Kong never sends the next
+    Step of an event whose PDK call failed in Lua (a call in the wrong phase, bad arguments, a
+    nil raw body it cannot pack): the client got a 500 and Kong moved on
+    (Kong@3.9.x:kong/runloop/plugin_servers/rpc/mp_rpc.lua, `bridge_loop`). Without the bound
+    that handler's thread or greenlet, and the server's entry for the event, would live for ever.
     """
 
-    __slots__ = ("_abandoned", "_finished", "_to_handler", "_to_server")
+    __slots__ = ("_abandoned", "_finished", "_release", "_timeout", "_to_handler", "_to_server")
 
-    def __init__(self, make_queue: Callable[[], _Queues]) -> None:
+    def __init__(
+        self,
+        make_queue: Callable[[], _Queues],
+        release: Callable[[], None] = lambda: None,
+        timeout: float = HANDLER_TIMEOUT_S,
+    ) -> None:
         self._to_server = make_queue()
         self._to_handler = make_queue()
         self._finished = False
         self._abandoned = False
+        self._release = release
+        self._timeout = timeout
 
     # handler side: what kong_pdk.pdk.Kong expects of its `ch`
     def put(self, message: Any) -> None:
@@ -135,7 +157,15 @@ class EventChannel:
         self._to_server.put(message)
 
     def get(self) -> Any:
-        return self._to_handler.get()
+        """The answer to the handler's PDK call; EventAbandoned when Kong never sends it."""
+        try:
+            return self._to_handler.get(timeout=self._timeout)
+        except queue.Empty:  # gevent.queue.Empty is the same class
+            self._abandoned = True
+            self._release()
+            raise EventAbandoned(
+                f"no Step from Kong within {self._timeout} s", "event_abandoned"
+            ) from None
 
     def handler_returned(self) -> None:
         """The handler is done: tell the server, unless Kong already stopped listening."""
@@ -150,10 +180,11 @@ class EventChannel:
     def next_message(self) -> Any:
         """The handler's next PDK call or "ret"; "ret" for a handler stuck past the timeout."""
         try:
-            return self._to_server.get(timeout=HANDLER_TIMEOUT_S)
-        except queue.Empty:  # gevent.queue.Empty is the same class
+            return self._to_server.get(timeout=self._timeout)
+        except queue.Empty:
             self._abandoned = True
-            log.error("handler_timeout seconds=%s", HANDLER_TIMEOUT_S)
+            self._release()
+            log.error("handler_timeout seconds=%s", self._timeout)
             return MSG_RET
 
 
@@ -161,7 +192,7 @@ def _run_event(phase: PhaseHandler, channel: EventChannel) -> None:
     try:
         phase(Kong(channel, False).kong)
     except EventAbandoned as exc:
-        log.error("pdk_call_after_exit error=%s", exc)
+        log.error("%s error=%s", exc.kind, exc)
     except Exception:  # the handler's own guard failed; the server must still answer (defect 1)
         log.exception("phase_failed_unguarded")
     finally:
@@ -172,17 +203,60 @@ def _is_terminal(message: Any) -> bool:
     return isinstance(message, dict) and message.get("Method") in TERMINAL_METHODS
 
 
+# Lua numbers are doubles: an id Kong holds must stay an exact integer, below 2**53.
+MAX_LUA_INTEGER: Final = 2**53
+
+
+class IdSequence:
+    """Ids that never repeat across server lifetimes: counting up from the start time in µs.
+
+    Kong keeps the instance ids it holds when the plugin server dies and is respawned
+    (Kong@3.9.x:kong/runloop/plugin_servers/plugin.lua, `get_instance_id`). kong-pdk numbers
+    instances and events from 0 again, so a stale id could name another plugin entity's instance
+    and run a request under its config. Starting at the wall clock in microseconds puts every id
+    of a new lifetime above every id of an earlier one, as long as a lifetime hands out fewer
+    than a million ids per second on average (events come at thousands per second). Today's
+    clock is about 1.8e15 µs: below 2**53 (9.0e15) until the year 2255.
+    """
+
+    def __init__(self, now_us: int | None = None) -> None:
+        start = time.time_ns() // 1000 if now_us is None else now_us
+        if start >= MAX_LUA_INTEGER:
+            raise ValueError("the clock is past what a Lua number holds exactly")
+        self._count = itertools.count(start)
+
+    def __next__(self) -> int:
+        # next() on itertools.count is atomic under the GIL: no lock on the request path.
+        return next(self._count)
+
+
 class GuardedPluginServer(PluginServer):  # type: ignore[misc]
     """kong-pdk's PluginServer with event handling that cannot hang, deadlock or leak."""
 
-    def __init__(self, *, name: str, use_gevent: bool) -> None:
+    def __init__(
+        self, *, name: str, use_gevent: bool, handler_timeout: float = HANDLER_TIMEOUT_S
+    ) -> None:
         # Python-style PDK returns (defect 7); never the multiprocessing pool (state lost per
         # event, background threads never see the queue).
         super().__init__(
             loglevel=5, name=name, use_multiprocess=False, use_gevent=use_gevent, lua_style=False
         )
-        self._event_ids = itertools.count()
+        self._instance_ids = IdSequence()
+        self._event_ids = IdSequence()
         self._make_queue = _gevent_queue if use_gevent else _thread_queue
+        self._handler_timeout = handler_timeout
+
+    def start_instance(self, cfg: dict[str, Any]) -> dict[str, Any]:
+        """kong-pdk's StartInstance with ids from `IdSequence` instead of 0, 1, 2, ..."""
+        name = cfg["Name"]
+        plugin = self.plugins.get(name)
+        if plugin is None:
+            raise PluginServerException(f"{name} not initialized")
+        config = json.loads(cfg["Config"])
+        iid = next(self._instance_ids)
+        self.instances[iid] = plugin.new(config)
+        log.info("instance_started id=%s plugin=%s", iid, name)
+        return {"Name": name, "Id": iid, "Config": config, "StartTime": time.time()}
 
     def handle_event(self, event: dict[str, Any]) -> dict[str, Any]:
         iid = event["InstanceId"]
@@ -192,10 +266,13 @@ class GuardedPluginServer(PluginServer):  # type: ignore[misc]
             raise PluginServerException(f"no plugin instance #{iid}")
         instance.reset_expire_ts()
         phase = getattr(instance.cls, event["EventName"])
-        # next() on itertools.count is atomic under the GIL: no lock held while the handler runs
-        # up to its first PDK call (kong-pdk holds one, serializing every request).
+        # No lock held while the handler runs up to its first PDK call (kong-pdk holds one,
+        # serializing every request).
         eid = next(self._event_ids)
-        channel = EventChannel(self._make_queue)
+        events = self.events
+        channel = EventChannel(
+            self._make_queue, lambda: events.pop(eid, None), timeout=self._handler_timeout
+        )
         if self.use_gevent:
             gspawn(_run_event, phase, channel)
         else:
@@ -316,6 +393,11 @@ class GuardedRpcServer(UnixStreamServer):  # type: ignore[misc]
         packer = msgpack.Packer(unicode_errors="surrogateescape")
         debug = log.isEnabledFor(logging.DEBUG)
         try:
+            # Announce this process on every connection, before any answer: a worker that saw
+            # another pid resets the instance ids it holds (Kong@3.9.x:kong/runloop/
+            # plugin_servers/plugin.lua, `rpc_notifications:serverPid`; mp_rpc.lua reads
+            # notifications before each response). kong-pdk never sends it.
+            conn.sendall(packer.pack([NOTIFICATION, "serverPid", os.getpid()]))
             for message in unpacker:
                 reply = self._dispatch(message, debug)
                 if reply is not None:

@@ -1,15 +1,22 @@
 """The two plugins' phase handlers: PDK calls in, plain data to the pure functions, event out.
 
 Every PDK call is a round trip to Kong over the plugin-server socket (about 90 µs, more than all
-the rest of the work), so each one below is justified where it is made. A metered, non-streaming
-request costs 6 (token-meter) or 2 (token-meter-log); blocking and stream-usage injection aside:
+the rest of the work), so each one below is justified where it is made. A metered chat request
+with a JSON body costs, in the default config:
 
-    token-meter      access   kong.client.get_consumer
+    token-meter      access   kong.client.get_consumer       only while the blocklist is not
+                                                             empty (or stale and fail-closed)
+                              kong.request.get_headers       content type and length
+                              kong.request.get_raw_body(0)   JSON bodies only
+                              (kong.service.request.set_raw_body: streams that need usage)
                      response kong.client.get_consumer, kong.router.get_route,
                               kong.service.response.get_status, .get_raw_body,
                               kong.nginx.req_start_time
-    token-meter-log  access   kong.client.get_consumer
+    token-meter-log  access   kong.client.get_consumer       as above: only when it can block
                      log      kong.log.serialize
+
+that is 8 (7 with an empty blocklist) and 2 (1). A blocked request costs get_consumer,
+kong.request.get_path (OpenAI's or Anthropic's error shape) and the exit.
 
 Left out on purpose, each a round trip per request:
 - `kong.ctx.shared` to carry the consumer from access to response: a set plus a get cost two
@@ -23,146 +30,66 @@ Left out on purpose, each a round trip per request:
   here, once per request, so it stays the same through every retry and the collector's dedupe on
   (source, id) holds.
 
+The request body is read only in a way that cannot make Kong fail the request: Kong answers nil
+to `get_raw_body()` for a body nginx buffered to a temp file (over `client_body_buffer_size`,
+8 KiB by default), cannot pack that nil, and answers the client 500
+(Kong@3.9.x:kong/pdk/request.lua, Kong@3.9.x:kong/runloop/plugin_servers/rpc/mp_rpc.lua). With
+a max of 0 Kong reads the temp file whatever its size; the declared Content-Length, from the
+headers fetched anyway, keeps bodies over `max_body_size` from being read at all.
+
 A handler never calls the PDK after `kong.response.exit` and always returns right after it;
-`guard_phase` turns any exception into a log line (KONG-PLUGIN-SERVER.md, defects 1 and 2).
+`guard_phase` turns any exception into a log line (kong-pdk defects 1 and 2, see `guards.py`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any, Final
 
-from .blocklist import BlocklistSettings, block_response, close_all, get_blocklist
+from . import metrics
+from .blocklist import (
+    BlocklistSettings,
+    block_response,
+    close_all,
+    get_blocklist,
+    is_anthropic_path,
+)
 from .config import TOKEN_METER, TOKEN_METER_LOG, PluginConfig
+from .delivery import DeliverySettings, all_stats, get_shipper, shutdown_all
 from .event import build_usage_event
 from .guards import guard_phase
+from .kong_data import (
+    ServiceNames,
+    as_bytes,
+    clean_text,
+    consumer_subject,
+    content_length,
+    entity_ref,
+    header_value,
+    is_json_content_type,
+    last_status,
+    new_event_id,
+    sniff_content_encoding,
+)
 from .request_body import inject_stream_usage
-from .shipping import ShippingSettings, get_shipper, shutdown_all
 from .usage import Usage, extract_usage, usage_from_ai_proxy_log
 
 log = logging.getLogger("token_meter_plugin")
 
-ANONYMOUS: Final = "anonymous"
-SERVICE_NAME_TTL_S: Final = 60.0
 REASON_HEADER: Final = "x-token-meter-reason"
 SHIPPER_SHUTDOWN_S: Final = 4.0  # within server.SHUTDOWN_GRACE_S
 
-_GZIP_MAGIC: Final = b"\x1f\x8b"
-_PLAIN_STARTS: Final = frozenset(b"{[ \t\r\n:" + b"deir")  # JSON, SSE field names, a BOM's tail
-_UTF8_BOM: Final = b"\xef\xbb\xbf"
-
-
-# --- pure helpers (no PDK) ---------------------------------------------------------------------
-
-
-def clean_text(value: Any) -> str | None:
-    """A string from Kong, fit for JSON: a byte that was not UTF-8 (kept by the RPC layer as a
-    lone surrogate, defect 4) becomes U+FFFD. Anything that is not a non-empty string is None."""
-    if not isinstance(value, str) or not value:
-        return None
-    if value.isascii():
-        return value
-    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-def consumer_subject(consumer: Mapping[str, Any] | None, identifier: str) -> str:
-    """The customer a request belongs to: the consumer's configured field, else its id."""
-    if not consumer:
-        return ANONYMOUS
-    return clean_text(consumer.get(identifier)) or clean_text(consumer.get("id")) or ANONYMOUS
-
-
-def sniff_content_encoding(body: bytes) -> str | None:
-    """The Content-Encoding a response body was sent with, told from its first bytes."""
-    if not body:
-        return None
-    if body.startswith(_GZIP_MAGIC):
-        return "gzip"
-    first = body[0]
-    # zlib: CM=8 in the low nibble and the 16-bit header a multiple of 31 (RFC 1950)
-    if first & 0x0F == 8 and len(body) > 1 and (first << 8 | body[1]) % 31 == 0:
-        return "deflate"
-    if first in _PLAIN_STARTS or body.startswith(_UTF8_BOM):
-        return None
-    # Brotli has no magic number. A wrong guess costs nothing: extract_usage falls back to the
-    # raw bytes when they look like JSON or SSE, and records usage_missing otherwise.
-    return "br"
-
-
-def is_json_content_type(content_type: Any) -> bool:
-    if not isinstance(content_type, str):
-        return False
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
-
-
-def new_event_id(now_ns: int | None = None) -> str:
-    """A UUIDv7 (RFC 9562): time-ordered, so the collector's indexes stay compact."""
-    ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & (1 << 48) - 1) << 80 | 0x7 << 76 | (rand >> 62 & 0xFFF) << 64
-    value |= 0b10 << 62 | rand & (1 << 62) - 1
-    return str(uuid.UUID(int=value))
-
-
-def as_bytes(value: Any) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape")
-    return b""
-
-
-def last_status(upstream_status: Any) -> int | None:
-    """Kong's `upstream_status` ("502, 200" after a retry) as the final status code."""
-    if isinstance(upstream_status, int):
-        return upstream_status
-    if isinstance(upstream_status, str) and upstream_status.strip():
-        tail = upstream_status.replace(":", ",").split(",")[-1].strip()
-        if tail.isdigit():
-            return int(tail)
-    return None
-
-
-def _entity_ref(entity: Any, key: str) -> str | None:
-    if isinstance(entity, Mapping):
-        ref = entity.get(key)
-        if isinstance(ref, Mapping):
-            return clean_text(ref.get("id"))
-    return None
-
-
-class _ServiceNames:
-    """Service id → name, process-wide, each entry trusted for SERVICE_NAME_TTL_S."""
-
-    def __init__(self) -> None:
-        self._names: dict[str, tuple[str | None, float]] = {}
-
-    def get(self, service_id: str) -> tuple[bool, str | None]:
-        entry = self._names.get(service_id)
-        if entry is None or entry[1] < time.monotonic():
-            return False, None
-        return True, entry[0]
-
-    def put(self, service_id: str, name: str | None) -> None:
-        if len(self._names) > 10_000:  # bounded: a gateway has far fewer services
-            self._names.clear()
-        self._names[service_id] = (name, time.monotonic() + SERVICE_NAME_TTL_S)
-
-
-_service_names = _ServiceNames()
+_service_names = ServiceNames()
 
 
 # --- the plugins -------------------------------------------------------------------------------
 
 
-def shipping_settings(config: PluginConfig) -> ShippingSettings:
-    return ShippingSettings(
+def shipping_settings(config: PluginConfig) -> DeliverySettings:
+    return DeliverySettings(
         collector_url=config.collector_url,
         collector_token=config.collector_token,
         max_batch_size=config.max_batch_size,
@@ -174,7 +101,6 @@ def shipping_settings(config: PluginConfig) -> ShippingSettings:
         spool_dir=config.spool_dir,
         spool_max_bytes=config.spool_max_bytes,
         source=config.source,
-        plugin_name=config.plugin_name,
     )
 
 
@@ -191,8 +117,13 @@ def blocklist_settings(config: PluginConfig) -> BlocklistSettings:
     )
 
 
+def stats() -> dict[str, Any]:
+    """What the server's periodic `plugin_stats` log line reports."""
+    return {"shippers": all_stats(), "counters": metrics.snapshot()}
+
+
 def shutdown() -> None:
-    """Before the process exits: deliver what the shippers hold, or move it to the spool."""
+    """Before the process exits: deliver what the shippers hold; the rest stays journaled."""
     close_all()
     shutdown_all(timeout=SHIPPER_SHUTDOWN_S)
 
@@ -204,17 +135,23 @@ class _MeteringPlugin:
 
     def __init__(self, config: dict[str, Any]) -> None:
         # Instances are recreated on every config push; shipper and blocklist are per process
-        # (get_shipper/get_blocklist return the running one for equal settings).
+        # (get_shipper/get_blocklist return the running one for the same collector).
         self.config = PluginConfig.from_kong(self.plugin_name, config)
         self.shipper = get_shipper(shipping_settings(self.config))
         self.blocklist = get_blocklist(blocklist_settings(self.config))
 
-    def _block_if_listed(self, kong: Any, consumer: Mapping[str, Any] | None) -> bool:
+    def _block_if_listed(self, kong: Any) -> bool:
         """Answer a blocked consumer without calling the upstream. True when it did."""
+        if not self.blocklist.may_block():
+            return False  # nobody to block: no need to ask Kong who is calling
+        # 1: who is calling; Kong's auth plugins ran before us (priority 950 < key-auth's 1250).
+        consumer = kong.client.get_consumer()
         reason = self.blocklist.check(consumer_subject(consumer, self.config.consumer_identifier))
         if reason is None:
             return False
-        status, body, headers = block_response(reason)
+        # 2: which API the client called, for the error shape its SDK understands.
+        anthropic = is_anthropic_path(kong.request.get_path())
+        status, body, headers = block_response(reason, anthropic=anthropic)
         # Ends the exchange: Kong sends no further Step, so nothing may follow this call. It is
         # never the event's first PDK call (get_consumer is), which kong-pdk would leak on.
         kong.response.exit(status, body, headers)
@@ -233,24 +170,30 @@ class _MeteringPlugin:
         started_at: float | None,
         latency_ms: float | None,
     ) -> None:
-        consumer = consumer or {}
+        consumer = consumer if isinstance(consumer, Mapping) else {}
         route = route if isinstance(route, Mapping) else {}
-        event = build_usage_event(
-            usage=usage,
-            request_id=request_id,
-            source=self.config.source,
-            subject=consumer_subject(consumer, self.config.consumer_identifier),
-            time=started_at if started_at is not None else time.time(),
-            consumer_id=clean_text(consumer.get("id")),
-            consumer_username=clean_text(consumer.get("username")),
-            consumer_custom_id=clean_text(consumer.get("custom_id")),
-            route_id=clean_text(route.get("id")),
-            route_name=clean_text(route.get("name")),
-            service_id=service_id,
-            service_name=service_name,
-            status=status,
-            latency_ms=latency_ms,
-        )
+        try:
+            event = build_usage_event(
+                usage=usage,
+                request_id=request_id,
+                source=self.config.source,
+                subject=consumer_subject(consumer, self.config.consumer_identifier),
+                time=started_at if started_at is not None else time.time(),
+                consumer_id=clean_text(consumer.get("id")),
+                consumer_username=clean_text(consumer.get("username")),
+                consumer_custom_id=clean_text(consumer.get("custom_id")),
+                route_id=clean_text(route.get("id")),
+                route_name=clean_text(route.get("name")),
+                service_id=service_id,
+                service_name=service_name,
+                status=status,
+                latency_ms=latency_ms,
+            )
+        except ValueError as exc:
+            # What the collector would reject and no retry can fix (a consumer name over its
+            # limit, say): a loss, counted and logged as one, never cut to fit.
+            self.shipper.lose(1, f"unbuildable event {request_id}: {exc}")
+            return
         self.shipper.enqueue(event)
 
 
@@ -261,19 +204,28 @@ class TokenMeter(_MeteringPlugin):
 
     @guard_phase
     def access(self, kong: Any) -> None:
-        # 1: who is calling; Kong's auth plugins ran before us (priority 950 < key-auth's 1250).
-        consumer = kong.client.get_consumer()
-        if self._block_if_listed(kong, consumer):
+        if self._block_if_listed(kong):
             return
         if self.config.inject_stream_usage:
             self._inject_stream_usage(kong)
 
     def _inject_stream_usage(self, kong: Any) -> None:
-        # The header first: only a JSON request can ask for a stream, and the body may be large.
-        content_type = kong.request.get_header("content-type")
+        # The headers first: only a JSON request can ask for a stream, and its size tells
+        # whether to read it at all. One call for type and length (get_header twice is two).
+        headers = kong.request.get_headers()
+        content_type = header_value(headers, "content-type")
         if not is_json_content_type(content_type):
             return
-        body = as_bytes(kong.request.get_raw_body())  # nil when Kong buffered it to a file
+        size = content_length(headers)
+        if size == 0:
+            return
+        if size is not None and size > self.config.max_body_size:
+            metrics.count("request_bodies_not_read")
+            log.debug("request_body_not_read reason=larger_than_max_body_size size=%s", size)
+            return
+        # A max of 0: Kong reads a temp-file body whatever its size, so the answer is never the
+        # nil it cannot pack. A chunked body (no Content-Length) is read whole: nginx has it.
+        body = as_bytes(kong.request.get_raw_body(0))
         if not body:
             return
         changed = inject_stream_usage(body, content_type)
@@ -292,7 +244,7 @@ class TokenMeter(_MeteringPlugin):
         body = as_bytes(kong.service.response.get_raw_body())
         # 5: when Kong received the request: the event's time and its latency.
         started_at = kong.nginx.req_start_time()
-        service_id = _entity_ref(route, "service")
+        service_id = entity_ref(route, "service")
         service_name = self._service_name(kong, service_id)
 
         now = time.time()
@@ -335,9 +287,7 @@ class TokenMeterLog(_MeteringPlugin):
 
     @guard_phase
     def access(self, kong: Any) -> None:
-        # 1: who is calling (see TokenMeter.access).
-        consumer = kong.client.get_consumer()
-        self._block_if_listed(kong, consumer)
+        self._block_if_listed(kong)
 
     @guard_phase
     def log(self, kong: Any) -> None:

@@ -9,7 +9,7 @@ server reports), with kong-pdk's embedded-server flags and Kong's defaults:
 The socket is `<prefix>/<plugin name>.socket`, which is where Kong 3.9 looks by default
 (kong-pdk would say `<name>.sock`, and the mismatch makes Kong spin: Kong/kong#9733). Served in
 threading mode unless `-g`; `-m` is accepted for compatibility but ignored, because a process pool
-loses the plugin's state and its background shipping (see KONG-PLUGIN-SERVER.md). Handlers use
+loses the plugin's state and its background shipping (see docs/architecture.md). Handlers use
 Python-style PDK returns: `--no-lua-style` is accepted and always in force.
 
 The -dump path writes the JSON and nothing else to stdout (Kong JSON-decodes all of it); logs
@@ -25,6 +25,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -32,17 +33,46 @@ from typing import Any, Final
 import gevent  # type: ignore[import-untyped]
 from kong_pdk.module import Module
 
-from .config import PHASES, PRIORITY, TOKEN_METER, TOKEN_METER_LOG, pdk_schema, plugin_info
+from .config import (
+    DEFAULT_KONG_PREFIX,
+    PHASES,
+    PRIORITY,
+    TOKEN_METER,
+    TOKEN_METER_LOG,
+    pdk_schema,
+    plugin_info,
+    set_kong_prefix,
+)
 from .config import plugin_version as _plugin_version
-from .guards import GuardedPluginServer, GuardedRpcServer
+from .guards import HANDLER_TIMEOUT_S, GuardedPluginServer, GuardedRpcServer
 
 log = logging.getLogger("token_meter_plugin")
 
-DEFAULT_PREFIX: Final = "/usr/local/kong/"
+DEFAULT_PREFIX: Final = DEFAULT_KONG_PREFIX + "/"
 SHUTDOWN_GRACE_S: Final = 6.0
 
 _shutdown_hooks: list[Callable[[], None]] = []
 _shutdown_lock = threading.Lock()
+
+
+STATS_INTERVAL_S: Final = 60.0
+
+
+def start_stats_log(report: Callable[[], dict[str, Any]]) -> threading.Thread:
+    """Log `plugin_stats` (delivery counters, journal size, lost events, parse errors) as one
+    JSON line every STATS_INTERVAL_S: the plugin server's metrics, read from Kong's error.log."""
+
+    def run() -> None:
+        while True:
+            time.sleep(STATS_INTERVAL_S)
+            try:
+                log.info("plugin_stats %s", json.dumps(report(), sort_keys=True))
+            except Exception:
+                log.exception("plugin_stats_failed")
+
+    thread = threading.Thread(target=run, name="token-meter-stats", daemon=True)
+    thread.start()
+    return thread
 
 
 def on_shutdown(hook: Callable[[], None]) -> None:
@@ -74,6 +104,14 @@ def parse_args(plugin_name: str, argv: Sequence[str] | None = None) -> argparse.
         "--version", "-version", action="version", version=f"%(prog)s {_plugin_version()}"
     )
     parser.add_argument("--listen-queue-size", type=int, dest="listen_queue_size", default=4096)
+    parser.add_argument(
+        "--handler-timeout",
+        type=float,
+        dest="handler_timeout",
+        default=HANDLER_TIMEOUT_S,
+        help="seconds a handler waits for Kong's next Step before giving up (default: "
+        "%(default)s, under Kong's 60 s lua_socket_read_timeout)",
+    )
     parser.add_argument(
         "--no-lua-style",
         action="store_true",
@@ -145,8 +183,18 @@ def serve(
     if not Path(args.prefix).is_dir():
         log.error("prefix_missing path=%s", args.prefix)
         raise SystemExit(1)
+    set_kong_prefix(args.prefix)
 
-    ps = GuardedPluginServer(name=f"{name} version {plugin['Version']}", use_gevent=args.gevent)
+    if not 0 < args.handler_timeout <= HANDLER_TIMEOUT_S:
+        log.error(
+            "handler_timeout_invalid value=%s max=%s", args.handler_timeout, HANDLER_TIMEOUT_S
+        )
+        raise SystemExit(2)
+    ps = GuardedPluginServer(
+        name=f"{name} version {plugin['Version']}",
+        use_gevent=args.gevent,
+        handler_timeout=args.handler_timeout,
+    )
 
     class _Definition:
         Plugin = plugin_class
@@ -193,17 +241,19 @@ def main_token_meter(argv: Sequence[str] | None = None) -> None:
     """Console script `token-meter-plugin`: phases access and response."""
     # Imported here, not at the top: the handler pulls in the whole plugin, which `serve` for
     # another plugin class (the benchmark's baseline, the defect tests' faulty plugin) needs not.
-    from .handler import TokenMeter, shutdown  # noqa: PLC0415
+    from .handler import TokenMeter, shutdown, stats  # noqa: PLC0415
 
     on_shutdown(shutdown)
+    start_stats_log(stats)
     serve(TOKEN_METER, TokenMeter, argv=argv, phases=PHASES[TOKEN_METER])
 
 
 def main_token_meter_log(argv: Sequence[str] | None = None) -> None:
     """Console script `token-meter-log-plugin`: phases access and log."""
-    from .handler import TokenMeterLog, shutdown  # noqa: PLC0415
+    from .handler import TokenMeterLog, shutdown, stats  # noqa: PLC0415
 
     on_shutdown(shutdown)
+    start_stats_log(stats)
     serve(TOKEN_METER_LOG, TokenMeterLog, argv=argv, phases=PHASES[TOKEN_METER_LOG])
 
 

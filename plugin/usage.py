@@ -1,4 +1,4 @@
-"""Token usage read from AI provider responses, normalized per contract 2 of DESIGN.md.
+"""Token usage read from AI provider responses, normalized per docs/architecture.md, section 2.2.
 
 Pure functions, run on Kong's request path inside the plugin server: no I/O, no PDK.
 
@@ -29,12 +29,16 @@ the body is parsed event by event as the SSE specification says.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
 import msgspec
 
+from . import metrics
 from .compression import BodyError, decode_body
+
+logger = logging.getLogger("token_meter_plugin")
 
 __all__ = [
     "DEFAULT_MAX_BODY_SIZE",
@@ -276,7 +280,11 @@ def extract_usage(
     try:
         return _extract(body, content_type, content_encoding, max_size)
     except Exception:
-        # Boundary of the request path: whatever the body, the caller gets a result to record.
+        # Boundary of the request path: whatever the body, the caller gets a result to record,
+        # and a parser bug is seen (logged with its stack, counted), never passed off as a
+        # response without usage.
+        logger.exception("usage_parse_failed bytes=%s", len(body))
+        metrics.count("usage_parse_errors")
         return Usage(usage_missing=True, streamed=_is_sse_type(content_type))
 
 

@@ -56,6 +56,7 @@ class FakeCollector:
     fail_status_next: int = 500
     max_batch_events: int | None = None  # larger batches get 413
     too_large_ids: set[str] = field(default_factory=set)  # any batch holding one gets 413
+    poison_ids: dict[str, int] = field(default_factory=dict)  # any batch holding one: that status
     reject: dict[str, str] = field(default_factory=dict)  # event id -> reason
     blocklist_status: int | None = None  # answer every GET with this status
     honour_wait: bool = True  # False: answer 304 at once, like a collector without long poll
@@ -151,6 +152,9 @@ def _handler_for(fake: FakeCollector) -> type[BaseHTTPRequestHandler]:
 
         def setup(self) -> None:
             super().setup()
+            # Headers and body go in two writes: without this, Nagle's algorithm holds the body
+            # until the client's delayed ACK, 40 ms per answer.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             fake._connections.add(self.connection)
 
         def finish(self) -> None:
@@ -233,6 +237,9 @@ def _handler_for(fake: FakeCollector) -> type[BaseHTTPRequestHandler]:
                 return 413
             if fake.too_large_ids.intersection(ids):
                 return 413
+            for event_id in ids:
+                if event_id in fake.poison_ids:
+                    return fake.poison_ids[event_id]
             return 200
 
         def do_GET(self) -> None:

@@ -34,6 +34,8 @@ class FakeCollector:
         self.version = 1
         self.entries: list[dict[str, str]] = []
         self.changed = threading.Condition()
+        # answer every POST /v1/events with this status and store nothing (a collector down)
+        self.failing_status: int | None = None
         collector = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -56,6 +58,9 @@ class FakeCollector:
                 if self.headers.get("Content-Encoding") == "gzip":
                     raw = gzip.decompress(raw)
                 events = json.loads(raw)
+                if collector.failing_status is not None:
+                    self._send(collector.failing_status)
+                    return
                 with collector.changed:
                     collector.batches.append(events)
                     collector.auth_headers.append(self.headers.get("Authorization"))

@@ -32,15 +32,16 @@ def plugin_config(collector: FakeCollector, tmp_path: Path) -> dict[str, Any]:
 
 @pytest.fixture
 def make_harness(tmp_path: Path) -> Iterator[HarnessFactory]:
-    """Start a plugin server as Kong does: `make_harness("token-meter-plugin", "-g")`."""
+    """Start a plugin server as Kong does: `make_harness("token-meter-plugin", "-g", workers=2)`."""
     started: list[KongHarness] = []
 
-    def make(command: str | list[str], *extra_args: str, pool_size: int = 4) -> KongHarness:
+    def make(command: str | list[str], *extra_args: str, **options: Any) -> KongHarness:
+        """`options` go to KongHarness (workers=, pool_size=, respawn=, timeout=, ...)."""
         cmd = [str(VENV_BIN / command)] if isinstance(command, str) else command
         prefix = tmp_path / f"kong-{len(started)}"
         prefix.mkdir()
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-        harness = KongHarness(cmd, prefix, extra_args=extra_args, pool_size=pool_size, env=env)
+        harness = KongHarness(cmd, prefix, extra_args=extra_args, env=env, **options)
         started.append(harness)
         harness.start()
         return harness

@@ -1,4 +1,6 @@
-"""Regression tests for the kong-pdk 0.36 defects (KONG-PLUGIN-SERVER.md, "Defects").
+"""Regression tests for the defects of kong-pdk 0.36 (unmaintained since 2023), one section each:
+an exception in a handler, leaks around kong.response.exit, truncated large replies, bytes that
+are not UTF-8, eager debug formatting, an orphaned server, Lua-style returns.
 
 Faults are injected by a plugin that misbehaves on purpose (tests/harness/faulty_plugin.py, its
 phases not wrapped in guard_phase, so the server's own guards are what is tested) and by the fake
@@ -63,13 +65,13 @@ def test_token_meter_survives_malformed_kong_data(
     make_harness: HarnessFactory, collector: FakeCollector, plugin_config: dict[str, Any]
 ) -> None:
     """A PDK answer of the wrong shape makes the handler raise: logged, request goes on."""
-    harness = make_harness("token-meter-plugin")
-    bad = ScriptedRequest(overrides={"kong.client.get_consumer": ["not", "a", "table"]})
+    harness = make_harness("token-meter-log-plugin")
+    bad = ScriptedRequest(overrides={"kong.log.serialize": "{not json"})
     outcome = harness.request(bad, plugin_config)
-    assert outcome.phases == {"access": "ret", "response": "ret"}
+    assert outcome.phases == {"access": "ret", "log": "ret"}
     assert "phase_failed" in harness.log_text()
     good = harness.request(ScriptedRequest(upstream_body=b'{"usage":{}}'), plugin_config)
-    assert good.phases == {"access": "ret", "response": "ret"}
+    assert good.phases == {"access": "ret", "log": "ret"}
 
 
 # --- defect 2: leaks around kong.response.exit ------------------------------------------------

@@ -16,14 +16,16 @@ from token_meter_plugin import blocklist as blocklist_module
 from token_meter_plugin.blocklist import (
     BLOCKLIST_UNAVAILABLE,
     INSUFFICIENT_CREDITS,
+    PAYMENT_OVERDUE,
     QUOTA_EXCEEDED,
     Blocklist,
     BlocklistSettings,
+    SettingsError,
     block_response,
     close_all,
     get_blocklist,
+    is_anthropic_path,
 )
-from token_meter_plugin.shipping import SettingsError
 
 
 @pytest.fixture
@@ -308,11 +310,52 @@ def test_an_unavailable_blocklist_answers_503_that_may_be_retried() -> None:
     assert headers["Retry-After"] == "5"
 
 
-def test_an_unknown_reason_still_blocks_and_cannot_inject_headers() -> None:
+def test_an_unknown_reason_still_blocks_with_402_and_cannot_inject_headers() -> None:
+    """Contract 1: a reason the plugin does not know yet gets 402 with that code."""
     code, body, headers = block_response("account_suspended")
-    assert code == 403
+    assert code == 402
     assert json.loads(body)["error"]["code"] == "account_suspended"
     code, body, headers = block_response("evil\r\nSet-Cookie: x=1")
-    assert code == 403
+    assert code == 402
     assert headers["X-Token-Meter-Reason"] == "blocked"
     assert "\n" not in json.loads(body)["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("reason", "status", "error_type"),
+    [
+        (INSUFFICIENT_CREDITS, 402, "billing_error"),
+        (PAYMENT_OVERDUE, 402, "billing_error"),
+        (QUOTA_EXCEEDED, 429, "rate_limit_error"),
+        (BLOCKLIST_UNAVAILABLE, 503, "api_error"),
+        ("account_suspended", 402, "billing_error"),
+    ],
+)
+def test_block_response_on_an_anthropic_route_has_anthropics_error_shape(
+    reason: str, status: int, error_type: str
+) -> None:
+    code, body, headers = block_response(reason, anthropic=True)
+    assert code == status
+    document = json.loads(body)
+    assert set(document) == {"type", "error"}
+    assert document["type"] == "error"
+    assert document["error"]["type"] == error_type
+    assert len(document["error"]["message"]) > 20
+    assert headers["X-Token-Meter-Reason"] == reason
+
+
+@pytest.mark.parametrize(
+    ("path", "anthropic"),
+    [
+        ("/v1/messages", True),
+        ("/anthropic/v1/messages", True),
+        ("/v1/messages?beta=true", True),
+        ("/v1/messages/count_tokens", True),
+        ("/v1/chat/completions", False),
+        ("/v1/threads/thread_1/messages", False),
+        ("/v1/messages/batches", False),
+        (None, False),
+    ],
+)
+def test_anthropic_routes_are_told_by_their_path(path: object, anthropic: bool) -> None:
+    assert is_anthropic_path(path) is anthropic

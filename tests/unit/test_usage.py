@@ -674,3 +674,25 @@ def test_ai_proxy_streamed_flag_comes_from_the_response_content_type(
     if content_type is not None:
         serialized["response"]["headers"]["content-type"] = content_type
     assert usage_from_ai_proxy_log(serialized).streamed is streamed  # type: ignore[union-attr]
+
+
+class _ExplodingBody(bytes):
+    """A body whose inspection fails: stands for a bug in the parser."""
+
+    def __getitem__(self, key: object) -> Any:
+        raise RuntimeError("parser bug")
+
+
+def test_a_parser_exception_is_logged_and_counted_not_passed_off_as_missing_usage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from token_meter_plugin import metrics
+
+    before = metrics.snapshot().get("usage_parse_errors", 0)
+    with caplog.at_level("ERROR", logger="token_meter_plugin"):
+        usage = extract_usage(
+            _ExplodingBody(b'{"usage":{}}'), content_type=None, content_encoding=None
+        )
+    assert usage.usage_missing  # the request still gets its event
+    assert metrics.snapshot()["usage_parse_errors"] == before + 1
+    assert any("usage_parse_failed" in r.getMessage() and r.exc_info for r in caplog.records)
