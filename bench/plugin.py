@@ -41,7 +41,10 @@ class Baseline:
             return
         headers = kong.request.get_headers()
         if "json" in str((headers or {}).get("content-type")):
-            kong.request.get_raw_body(0)
+            body = kong.request.get_raw_body(0)
+            if isinstance(body, bytes) and b'"stream": true' in body:
+                # token-meter sets the body of a stream that did not ask for usage
+                kong.service.request.set_raw_body(body)
 
     def response(self, kong: Any) -> None:
         kong.client.get_consumer()
