@@ -305,3 +305,28 @@ def test_an_event_that_cannot_be_built_is_counted_and_logged_as_lost(
     log = harness.log_text()
     assert "events_lost" in log and "subject is longer than 256" in log
     assert "phase_failed" not in log
+
+
+def test_while_the_server_is_down_a_new_entity_gets_500_and_a_held_id_skips_the_plugin(
+    make_harness: HarnessFactory, collector: FakeCollector, plugin_config: dict[str, Any]
+) -> None:
+    """What Kong does, and why a killed server must come back fast: a worker that holds an id
+    proxies unmetered; a worker that must start an instance answers 500."""
+    harness = make_harness("token-meter-plugin", workers=2, respawn=False)
+    request = ScriptedRequest(body=b"{}", upstream_body=OPENAI_JSON)
+    assert harness.request(request, plugin_config, worker=0).status == 200
+    old_pid = harness.pid
+    harness.kill_server()
+    held = harness.request(request, plugin_config, worker=0)
+    assert held.status == 200 and held.skipped and held.upstream_called
+    fresh = harness.request(request, plugin_config, worker=1)
+    assert fresh.status == 500 and not fresh.upstream_called
+    harness.respawn_server()
+    harness.wait_for_respawn(old_pid)
+    for worker in (0, 1):
+        assert harness.request(request, plugin_config, worker=worker).status == 200
+    # the first request and the two after the respawn; the skipped one was never seen
+    deadline = time.monotonic() + 15
+    while len({e["id"] for e in collector.events()}) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
