@@ -303,7 +303,7 @@ def _validate_headers(headers: Any) -> None:
 
 def _check_args(method: str, args: list[Any]) -> None:
     """The argument checks of the modelled PDK functions (each raises a Lua error)."""
-    arg0 = args[0] if args else None
+    arg0: Any = args[0] if args else None
     if method == "kong.request.get_header" and not _is_string(arg0):
         raise _KongLuaError("header name must be a string")  # Kong@3.9.x:kong/pdk/request.lua
     if method == "kong.request.get_headers" and arg0 is not None:
@@ -1497,7 +1497,7 @@ class KongHarness:
         req, outcome = st.scripted, st.outcome
         if method in req.overrides:
             return req.overrides[method]
-        arg0 = args[0] if args else None
+        arg0: Any = args[0] if args else None
         if method in LOG_METHODS:
             level = method.rsplit(".", 1)[1]
             outcome.logs.append((level, args))
