@@ -82,13 +82,6 @@ def measure(harness: Any, config: dict[str, Any], request: Any, n: int) -> list[
     return times
 
 
-def chat_request_body(size: int) -> bytes:
-    """An OpenAI streaming chat request of about `size` bytes (a conversation)."""
-    turn = {"role": "user", "content": "Tell me more about the history of the printing press."}
-    messages = [turn] * max(1, size // 80)
-    return json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": messages}).encode()
-
-
 def run_concurrent(  # noqa: PLR0917 (one cell of the table)
     harness: Any, config: dict[str, Any], body: bytes, workers: int, per_worker: int, n: int
 ) -> tuple[list[float], float, float]:
@@ -127,6 +120,7 @@ def run_concurrent(  # noqa: PLR0917 (one cell of the table)
 def concurrent_main(quick: bool) -> None:
     """4 workers x 8 concurrent requests, threading and gevent, 2 KiB and 20 KiB chat bodies,
     token-meter (default config) beside the baseline, interleaved in the same run."""
+    from tests.factories import chat_request_body
     from tests.harness.collector import TOKEN, VENV_BIN, FakeCollector
     from tests.harness.kong import KongHarness
 

@@ -1,7 +1,8 @@
-"""Building usage events for tests."""
+"""Building usage events, and the requests that cause them, for tests and benchmarks."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,3 +44,10 @@ def usage_event(
         "time": time or this_hour(),
         "data": body,
     }
+
+
+def chat_request_body(size: int, *, stream: bool = True) -> bytes:
+    """An OpenAI chat request of about `size` bytes: a long conversation."""
+    turn = {"role": "user", "content": "Tell me more about the history of the printing press."}
+    messages = [turn] * max(1, size // 80)
+    return json.dumps({"model": "gpt-4o-mini", "stream": stream, "messages": messages}).encode()

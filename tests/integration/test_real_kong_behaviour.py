@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.factories import chat_request_body
 from tests.harness.collector import FakeCollector
 from tests.harness.kong import HarnessFactory, Outcome, ScriptedRequest
 
@@ -30,13 +31,6 @@ OPENAI_JSON = json.dumps(
         "usage": {"prompt_tokens": 120, "completion_tokens": 30, "total_tokens": 150},
     }
 ).encode()
-
-
-def chat_body(size: int, *, stream: bool = True) -> bytes:
-    """An OpenAI chat request of about `size` bytes: a long conversation."""
-    turn = {"role": "user", "content": "Tell me more about the history of the printing press."}
-    messages = [turn] * max(1, size // 80)
-    return json.dumps({"model": "gpt-4o-mini", "stream": stream, "messages": messages}).encode()
 
 
 def asks_for_usage(body: bytes | None) -> bool:
@@ -61,7 +55,9 @@ def test_request_bodies_of_any_size_are_metered_and_get_stream_usage(
     """Over 8 KiB nginx keeps the body in a temp file: no call of the plugin may make Kong
     answer 500, and the streaming request still asks the upstream for usage."""
     harness = make_harness("token-meter-plugin", *mode)
-    request = ScriptedRequest(body=chat_body(size), chunked=chunked, upstream_body=OPENAI_JSON)
+    request = ScriptedRequest(
+        body=chat_request_body(size), chunked=chunked, upstream_body=OPENAI_JSON
+    )
     outcome = harness.request(request, plugin_config)
     assert outcome.status == 200, outcome.error_log
     assert outcome.phases == {"access": "ret", "response": "ret"}
@@ -77,7 +73,7 @@ def test_a_body_declared_over_max_body_size_is_not_read_and_still_metered(
     harness = make_harness("token-meter-plugin")
     config = plugin_config | {"max_body_size": 4096}
     outcome = harness.request(
-        ScriptedRequest(body=chat_body(20 * 1024), upstream_body=OPENAI_JSON), config
+        ScriptedRequest(body=chat_request_body(20 * 1024), upstream_body=OPENAI_JSON), config
     )
     assert outcome.status == 200
     assert "kong.request.get_raw_body" not in outcome.methods("access")
@@ -201,7 +197,7 @@ def test_four_workers_with_eight_concurrent_requests_each_are_metered_exactly(
     def client(worker: int, index: int) -> None:
         for n in range(per_thread):
             size = 20 * 1024 if (index + n) % 2 else 2 * 1024
-            request = ScriptedRequest(body=chat_body(size), upstream_body=OPENAI_JSON)
+            request = ScriptedRequest(body=chat_request_body(size), upstream_body=OPENAI_JSON)
             outcome = harness.request(request, plugin_config, worker=worker)
             with lock:
                 outcomes.append(outcome)
