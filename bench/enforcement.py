@@ -313,8 +313,8 @@ async def http_baseline(session: aiohttp.ClientSession, url: str, rounds: int) -
 
 
 async def run_through_plugin(args: argparse.Namespace) -> None:
-    from tests.harness.collector import VENV_BIN
     from tests.harness.kong import KongHarness
+    from tests.harness.paths import VENV_BIN
     from token_meter_plugin.config import TOKEN_METER, PluginConfig
 
     async with collector_stack(args, ("a",)) as stack:

@@ -121,12 +121,13 @@ def concurrent_main(quick: bool) -> None:
     """4 workers x 8 concurrent requests, threading and gevent, 2 KiB and 20 KiB chat bodies,
     token-meter (default config) beside the baseline, interleaved in the same run."""
     from tests.factories import chat_request_body
-    from tests.harness.collector import TOKEN, VENV_BIN, FakeCollector
+    from tests.harness.collector import FakeCollector
     from tests.harness.kong import KongHarness
+    from tests.harness.paths import VENV_BIN
 
-    collector = FakeCollector()
+    collector = FakeCollector().start()
     work = Path(tempfile.mkdtemp(prefix="bench-plugin-"))
-    config = {"collector_url": collector.url, "collector_token": TOKEN}
+    config = {"collector_url": collector.url, "collector_token": collector.token}
     config["spool_dir"] = str(work / "spool")
     n = 10 if quick else 40
     header = (
@@ -180,7 +181,7 @@ def concurrent_main(quick: bool) -> None:
                 baseline.stop()
         print(f"events received by the fake collector: {len(collector.events())}")
     finally:
-        collector.close()
+        collector.stop()
 
 
 def main() -> None:
@@ -201,15 +202,16 @@ def main() -> None:
         concurrent_main(args.quick)
         return
 
-    from tests.harness.collector import TOKEN, VENV_BIN, FakeCollector
+    from tests.harness.collector import FakeCollector
     from tests.harness.kong import KongHarness, ScriptedRequest
+    from tests.harness.paths import VENV_BIN
 
     mode = ["-g"] if args.gevent else []
-    collector = FakeCollector()
+    collector = FakeCollector().start()
     work = Path(tempfile.mkdtemp(prefix="bench-plugin-"))
     config = {
         "collector_url": collector.url,
-        "collector_token": TOKEN,
+        "collector_token": collector.token,
         "spool_dir": str(work / "spool"),
         "inject_stream_usage": False,
     }
@@ -268,7 +270,7 @@ def main() -> None:
     finally:
         meter.stop()
         baseline.stop()
-        collector.close()
+        collector.stop()
 
 
 if __name__ == "__main__":

@@ -54,8 +54,15 @@ def main(argv: list[str] | None = None) -> None:
         embedded = EmbeddedPostgres.start(settings.data_dir / "postgres")
         url = asyncio.run(embedded.prepare(EMBEDDED_DATABASE_NAME))
         settings = replace(settings, database_url=url)
-    if settings.stripe_api_key is None:
+    if settings.stripe is None:
         log.info("stripe_disabled", reason="STRIPE_API_KEY is not set: no Stripe calls")
+    else:
+        log.info(
+            "stripe_enabled",
+            meters=[f"{m.event_name}={m.field}" for m in settings.stripe.meters],
+            sync_interval=settings.stripe.sync_interval,
+            api_base=settings.stripe.api_base or "https://api.stripe.com",
+        )
     log.info(
         "collector_starting",
         host=settings.host,

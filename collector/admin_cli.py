@@ -5,12 +5,18 @@
     token-meter-admin set-quota CONSUMER N|none         monthly total-token quota, or none
     token-meter-admin usage CONSUMER                    this month's usage, balance and quota
     token-meter-admin blocklist                         who is blocked, and why
+    token-meter-admin stripe setup                      find or create the Stripe meters
+    token-meter-admin stripe status                     what the Stripe sync sent and holds
 
 The collector is TOKEN_METER_URL (default http://127.0.0.1:8787). The admin token comes from
 TOKEN_METER_ADMIN_TOKEN or TOKEN_METER_ADMIN_TOKEN_FILE, else from the `admin-token` file the
 collector generated in its data directory (TOKEN_METER_DATA_DIR). `blocklist` reads the
 plugins' endpoint, so it takes the ingest token the same way (TOKEN_METER_INGEST_TOKEN...).
-Tokens are never taken from the command line, where the process list would show them."""
+Tokens are never taken from the command line, where the process list would show them.
+`stripe setup` talks to Stripe itself, with STRIPE_API_KEY (or STRIPE_API_KEY_FILE),
+STRIPE_API_BASE and TOKEN_METER_STRIPE_METERS as the collector reads them.
+
+Exit status: 0 done, 2 on a usage or connection error, or an answer refusing the request."""
 
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from .blocklist.reasons import BlockReason
 from .settings import default_data_dir
 
 DEFAULT_URL = "http://127.0.0.1:8787"
@@ -34,7 +41,7 @@ MICROS = Decimal(1_000_000)
 
 
 class AdminError(Exception):
-    """Shown to the operator as one line; exit status 1."""
+    """Shown to the operator as one line; exit status 2."""
 
 
 def read_token(env: Mapping[str, str], kind: str) -> str:
@@ -220,7 +227,7 @@ def show_blocklist(snapshot: Mapping[str, Any]) -> str:
     rows = []
     for e in entries:
         detail = e.get("detail") or {}
-        if e["reason"] == "insufficient_credits":
+        if e["reason"] == BlockReason.INSUFFICIENT_CREDITS:
             why = f"balance {money(detail.get('balance_micros'))}"
         else:
             why = (
@@ -254,6 +261,16 @@ def _parser() -> argparse.ArgumentParser:
     usage = commands.add_parser("usage", help="this month's usage, balance and quota")
     usage.add_argument("consumer")
     commands.add_parser("blocklist", help="the consumers the gateways stop")
+    stripe_parser = commands.add_parser("stripe", help="Stripe billing: setup and status")
+    stripe_verbs = stripe_parser.add_subparsers(dest="stripe_command", required=True)
+    for verb, text in (
+        ("setup", "find or create the meters of TOKEN_METER_STRIPE_METERS at Stripe"),
+        ("status", "what the collector's Stripe sync has sent, holds and last failed"),
+    ):
+        # --json after the subcommand too (`stripe status --json`).
+        stripe_verbs.add_parser(verb, help=text).add_argument(
+            "--json", action="store_true", dest="sub_json", help="print JSON"
+        )
     return parser
 
 
@@ -286,10 +303,20 @@ def run(argv: Sequence[str] | None, env: Mapping[str, str]) -> str:
     elif args.command == "usage":
         answer, _ = client.call("GET", f"/v1/consumers/{consumer}/usage")
         text = show_usage(answer)
+    elif args.command == "stripe":
+        from .billing import cli as stripe_cli  # noqa: PLC0415 - the SDK loads for these only
+
+        if args.stripe_command == "setup":
+            answer = stripe_cli.stripe_setup(env)
+            text = stripe_cli.show_setup(answer)
+        else:
+            answer, _ = client.call("GET", "/v1/stripe/status")
+            text = stripe_cli.show_stripe_status(answer)
     else:
         answer, _ = client.call("GET", "/v1/blocklist", kind="ingest")
         text = show_blocklist(answer)
-    return json.dumps(answer, indent=2) if args.json else text
+    as_json = args.json or getattr(args, "sub_json", False)
+    return json.dumps(answer, indent=2) if as_json else text
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -297,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(run(argv, os.environ))
     except AdminError as exc:
         print(f"token-meter-admin: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

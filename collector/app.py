@@ -16,6 +16,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .accounts.http import post_credits, put_consumer
 from .accounts.service import AccountService
 from .auth import Handler, Role, requires
+from .billing import store as billing_store
+from .billing.http import get_stripe_status
+from .billing.listener import BillingListener
+from .billing.sync import StripeSync
 from .blocklist.feed import BlocklistFeed
 from .blocklist.http import get_blocklist
 from .database import create_pool, ensure_event_partitions, migrate
@@ -32,6 +36,7 @@ from .keys import (
     POOL,
     PRICING,
     SETTINGS,
+    STRIPE_SYNC,
     Lifecycle,
 )
 from .observability import Metrics
@@ -153,9 +158,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     # Loaded before anything listens: a bad price book stops the start.
     pricing = PriceBookSource(settings.price_book, app[METRICS])
     app[PRICING] = pricing
-    accounts = AccountService(
-        app[POOL], app[METRICS], price_book_version=lambda: pricing.current().version
-    )
+    accounts = AccountService(app[POOL], app[METRICS])
     app[ACCOUNTS] = accounts
     ingest = IngestService(
         app[POOL],
@@ -165,7 +168,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         dedupe_horizon=timedelta(days=settings.dedupe_horizon_days),
     )
     ingest.pricing = pricing.current
-    ingest.after_store.append(accounts.after_store)  # burn and rules in the ingest commit
+    ingest.listeners.append(accounts)  # burn and rules in the ingest commit
+    ingest.listeners.append(BillingListener(stripe_enabled=settings.stripe is not None))
     await ingest.start()
     app[INGEST] = ingest
     feed = BlocklistFeed(app[POOL], app[METRICS])
@@ -173,6 +177,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[BLOCKLIST] = feed
     await pricing.start()
     await accounts.start()
+    sync: StripeSync | None = None
+    if settings.stripe is None:
+        await billing_store.forget_initialization(app[POOL])
+    else:
+        sync = StripeSync(app[POOL], settings.stripe, app[METRICS])
+        await sync.start()
+        app[STRIPE_SYNC] = sync
     maintenance = asyncio.create_task(_maintenance(app), name="maintenance")
     try:
         yield
@@ -180,6 +191,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         maintenance.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await maintenance
+        if sync is not None:
+            await sync.stop()
         await accounts.stop()
         await pricing.stop()
         await feed.stop()
@@ -227,6 +240,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/consumers/{consumer}/usage", get_usage)
     app.router.add_put("/v1/consumers/{consumer}", put_consumer)
     app.router.add_post("/v1/consumers/{consumer}/credits", post_credits)
+    app.router.add_get("/v1/stripe/status", get_stripe_status)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)

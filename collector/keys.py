@@ -8,6 +8,7 @@ import asyncpg
 from aiohttp import web
 
 from .accounts.service import AccountService
+from .billing.sync import StripeSync
 from .blocklist.feed import BlocklistFeed
 from .ingest.service import IngestService
 from .observability import Metrics
@@ -30,5 +31,6 @@ INGEST = web.AppKey("ingest", IngestService)
 BLOCKLIST = web.AppKey("blocklist", BlocklistFeed)
 ACCOUNTS = web.AppKey("accounts", AccountService)
 PRICING = web.AppKey("pricing", PriceBookSource)
+STRIPE_SYNC = web.AppKey("stripe_sync", StripeSync)  # only with Stripe enabled
 # Fields a handler adds to its request's canonical log line.
 LOG_FIELDS = web.RequestKey("log_fields", dict)

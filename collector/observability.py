@@ -150,6 +150,30 @@ class Metrics:
             "Prepaid consumers at or under their low-balance threshold (as of the last sweep).",
             registry=r,
         )
+        # Stripe billing.
+        self.stripe_calls = Counter(
+            "token_meter_stripe_calls",
+            "Stripe API calls by the sync, by endpoint and outcome (ok, retry, duplicate, "
+            "rejected, unauthorized).",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.stripe_deltas = Counter(
+            "token_meter_stripe_deltas",
+            "Outbox deltas written (each one meter event to send).",
+            registry=r,
+        )
+        self.stripe_sent = Counter(
+            "token_meter_stripe_sent_value",
+            "Meter value Stripe has taken, by meter event name (tokens, or micros of cost).",
+            ["meter"],
+            registry=r,
+        )
+        self.stripe_unbillable = Counter(
+            "token_meter_stripe_unbillable_rows",
+            "Outbox rows too old for Stripe by the time a customer was known (never sent).",
+            registry=r,
+        )
         self.blocklist_transitions = Counter(
             "token_meter_blocklist_transitions",
             "Consumers put on (blocked) or taken off (unblocked) the blocklist, by reason.",

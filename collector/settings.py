@@ -12,6 +12,8 @@ from pathlib import Path
 import structlog
 from dotenv import dotenv_values
 
+from .billing.settings import StripeSettings, read_stripe_settings
+
 log = structlog.get_logger("token_meter.settings")
 
 DEFAULT_PORT = 8787
@@ -51,8 +53,7 @@ class Settings:
     database_url: str | None
     ingest_token: Secret | None
     admin_token: Secret | None
-    stripe_api_key: Secret | None
-    stripe_api_base: str | None
+    stripe: StripeSettings | None  # None: no STRIPE_API_KEY, billing off
     stripe_webhook_secret: Secret | None
     price_book: Path | None
     log_level: str
@@ -103,6 +104,9 @@ class Settings:
         stripe_api_base = reader.text("STRIPE_API_BASE")
         if stripe_api_base and not stripe_api_base.startswith(("http://", "https://")):
             problems.append("STRIPE_API_BASE must be an http:// or https:// URL")
+        stripe = read_stripe_settings(
+            reader.secret("STRIPE_API_KEY"), stripe_api_base, reader.text, reader.number, problems
+        )
         price_book_text = reader.text("TOKEN_METER_PRICE_BOOK")
         price_book = Path(price_book_text).expanduser() if price_book_text else None
         if price_book is not None and not price_book.is_file():
@@ -130,8 +134,7 @@ class Settings:
             database_url=database_url,
             ingest_token=ingest_token,
             admin_token=admin_token,
-            stripe_api_key=reader.secret("STRIPE_API_KEY"),
-            stripe_api_base=stripe_api_base,
+            stripe=stripe,
             stripe_webhook_secret=reader.secret("STRIPE_WEBHOOK_SECRET"),
             price_book=price_book,
             log_level=log_level,

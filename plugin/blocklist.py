@@ -2,8 +2,9 @@
 
 The request path calls ``Blocklist.check(consumer)``: one attribute read, one clock read and one
 dict lookup, no lock and no I/O. A daemon thread (one per process and collector) long-polls
-``GET <collector_url>/v1/blocklist?wait=<blocklist_wait>`` with ``If-None-Match: "<version>"``: the
-collector answers as soon as the list changes (200, a new version) or 304 at the end of the wait.
+``GET <collector_url>/v1/blocklist?wait=<seconds>`` with ``If-None-Match: "<version>"``: the
+collector answers as soon as the list changes (200, a new version) or 304 at the end of the wait,
+which is half of ``blocklist_max_stale`` (at most 30 s), so a quiet poll never makes it stale.
 Each answer replaces the whole state in one assignment, an immutable snapshot, so a check never
 sees half an update.
 
@@ -15,17 +16,16 @@ none ever did). Then
 - fail-closed blocks every consumer with ``blocklist_unavailable`` (503), since who may pass
   cannot be known.
 
-``block_response`` builds the answer Kong sends instead of calling the upstream (contract 1): the
-status, body and headers an OpenAI SDK understands.
+The settings are a view of the plugin config (``plugin/config.py``, which holds every rule); the
+answer a blocked consumer gets is built in ``block_answer``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.client
 import logging
-import os
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -34,29 +34,19 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 
+from .block_answer import BLOCKLIST_UNAVAILABLE
+from .config import PluginConfig, default_of
 from .delivery import Backoff, CollectorClient
 
-__all__ = [
-    "BLOCKLIST_UNAVAILABLE",
-    "INSUFFICIENT_CREDITS",
-    "PAYMENT_OVERDUE",
-    "QUOTA_EXCEEDED",
-    "Blocklist",
-    "BlocklistSettings",
-    "BlocklistSnapshot",
-    "block_response",
-    "get_blocklist",
-    "is_anthropic_path",
-]
+__all__ = ["Blocklist", "BlocklistSettings", "BlocklistSnapshot", "close_all", "get_blocklist"]
 
 logger = logging.getLogger("token_meter_plugin")
 
-INSUFFICIENT_CREDITS: Final = "insufficient_credits"
-QUOTA_EXCEEDED: Final = "quota_exceeded"
-PAYMENT_OVERDUE: Final = "payment_overdue"
-BLOCKLIST_UNAVAILABLE: Final = "blocklist_unavailable"
-
-MAX_WAIT: Final = 60  # the collector holds a long poll at most this long (contract 3)
+# The longest long poll asked for; the collector holds one at most 60 s (contract 3).
+MAX_WAIT: Final = 30.0
+# A failed poll is retried within this, whatever max_retry_delay is: enforcement resumes only
+# with the next successful poll.
+MAX_POLL_RETRY_DELAY: Final = 5.0
 # A collector answering 304 long before the wait is over does not long-poll: do not hammer it.
 _EARLY_304_PAUSE: Final = 1.0
 
@@ -67,51 +57,38 @@ def _log(level: int, event: str, **fields: Any) -> None:
         logger.log(level, "%s %s", event, detail, extra={"token_meter": {"event": event, **fields}})
 
 
-class SettingsError(ValueError):
-    """Invalid settings; ``errors`` lists every problem found, not just the first."""
-
-    def __init__(self, what: str, errors: list[str]) -> None:
-        super().__init__(f"invalid {what}: " + "; ".join(errors))
-        self.errors = errors
-
-
 @dataclass(frozen=True, slots=True)
 class BlocklistSettings:
-    """Where the blocklist comes from and what to do when it is stale."""
+    """Where the blocklist comes from and what to do when it is stale: a view of the plugin
+    config. Its defaults are the config's, for what builds one by hand (tests)."""
 
     collector_url: str
     collector_token: str
-    # Seconds the collector may hold a poll open waiting for a change (at most 60).
-    blocklist_wait: int = 30
     # Seconds without a successful poll after which the list is stale.
-    blocklist_max_stale: float = 60.0
+    blocklist_max_stale: float = default_of("blocklist_max_stale", float)
     # Stale list: true lets everyone not known to be blocked through; false blocks everyone.
-    fail_open: bool = True
-    # Seconds to connect, and to wait for an answer beyond blocklist_wait.
-    timeout: float = 10.0
-    # Backoff between failed polls (capped exponential, full jitter): short, since enforcement
-    # resumes only with the next successful poll.
-    initial_retry_delay: float = 0.1
-    max_retry_delay: float = 5.0
+    fail_open: bool = default_of("fail_open", bool)
+    # Seconds to connect, and to wait for an answer beyond the long poll's wait.
+    timeout: float = default_of("timeout", float)
+    # Backoff between failed polls (capped exponential, full jitter), capped by the shorter of
+    # max_retry_delay and MAX_POLL_RETRY_DELAY.
+    initial_retry_delay: float = default_of("initial_retry_delay", float)
+    max_retry_delay: float = default_of("max_retry_delay", float)
 
-    def __post_init__(self) -> None:
-        # The Kong schema validates the URL and token; these rules are the blocklist's own.
-        errors = []
-        if not 0 <= self.blocklist_wait <= MAX_WAIT:
-            errors.append(f"blocklist_wait must be between 0 and {MAX_WAIT} seconds")
-        if self.blocklist_max_stale <= self.blocklist_wait:
-            errors.append(
-                "blocklist_max_stale must be longer than blocklist_wait, or every quiet long "
-                "poll would make the list stale"
-            )
-        if self.timeout <= 0:
-            errors.append("timeout must be positive")
-        if self.initial_retry_delay <= 0:
-            errors.append("initial_retry_delay must be positive")
-        if self.max_retry_delay < self.initial_retry_delay:
-            errors.append("max_retry_delay must be at least initial_retry_delay")
-        if errors:
-            raise SettingsError("blocklist settings", errors)
+    @classmethod
+    def of(cls, config: PluginConfig) -> BlocklistSettings:
+        """The blocklist part of a plugin config: each field is the config's field of that name."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def wait(self) -> float:
+        """Seconds the collector may hold a poll open: half the staleness bound, so that a poll
+        that ends with no change (304) always renews the list before it is stale."""
+        return min(MAX_WAIT, self.blocklist_max_stale / 2)
+
+    @property
+    def poll_retry_cap(self) -> float:
+        return min(self.max_retry_delay, MAX_POLL_RETRY_DELAY)
 
 
 class BlocklistSnapshot(NamedTuple):
@@ -141,12 +118,9 @@ _decode_body = msgspec.json.Decoder(_Body).decode
 class Blocklist:
     """The process's view of the collector's blocklist, refreshed by one daemon thread."""
 
-    def __init__(
-        self, settings: BlocklistSettings, initial: BlocklistSnapshot | None = None
-    ) -> None:
+    def __init__(self, settings: BlocklistSettings) -> None:
         self._settings = settings
-        self.pid = os.getpid()
-        self._snapshot = initial or _EMPTY
+        self._snapshot = _EMPTY
         self._stopping = threading.Event()
         self._client = CollectorClient(settings.collector_url, settings.collector_token)
         self._counts = {"polls": 0, "updates": 0, "unchanged": 0, "errors": 0}
@@ -163,8 +137,6 @@ class Blocklist:
 
     def check(self, consumer: str) -> str | None:
         """The reason code to block ``consumer`` with, or None to let the request through."""
-        if self.pid != os.getpid():  # a stale reference in a forked child
-            return get_blocklist(self._settings).check(consumer)
         snapshot = self._snapshot  # one read: the state cannot change under us
         settings = self._settings
         refreshed_at = snapshot.refreshed_at
@@ -209,14 +181,10 @@ class Blocklist:
         self._thread.join(2.0)
         self._client.close()
 
-    def abandon_after_fork(self) -> None:
-        """In a forked child: this object's thread is the parent's; stop using it."""
-        self._stopping.set()
-
     # -- the poller ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        backoff = Backoff(self._settings.initial_retry_delay, self._settings.max_retry_delay)
+        backoff = Backoff(self._settings.initial_retry_delay, self._settings.poll_retry_cap)
         while not self._stopping.is_set():
             try:
                 pause = self._poll_once()
@@ -229,7 +197,7 @@ class Blocklist:
                 else:
                     logger.exception("blocklist_poll_crashed")
                 backoff.initial = self._settings.initial_retry_delay
-                backoff.maximum = self._settings.max_retry_delay
+                backoff.maximum = self._settings.poll_retry_cap
                 pause = backoff.next_delay()
             else:
                 backoff.reset()
@@ -238,7 +206,8 @@ class Blocklist:
 
     def _poll_once(self) -> float:
         """One long poll; returns how long to pause before the next one."""
-        settings = self._settings
+        wait = self._settings.wait
+        timeout = self._settings.timeout
         version = self._snapshot.version
         headers = {"Accept": "application/json"}
         if version is not None:
@@ -246,9 +215,9 @@ class Blocklist:
         started = time.monotonic()
         response = self._client.request(
             "GET",
-            f"/v1/blocklist?wait={settings.blocklist_wait}",
+            f"/v1/blocklist?wait={wait:g}",
             headers=headers,
-            timeout=settings.blocklist_wait + settings.timeout,
+            timeout=wait + timeout,
         )
         self._counts["polls"] += 1
         now = time.monotonic()
@@ -256,8 +225,8 @@ class Blocklist:
             previous = self._snapshot
             self._snapshot = BlocklistSnapshot(previous.version, previous.entries, now)
             self._counts["unchanged"] += 1
-            if now - started < settings.blocklist_wait / 2:
-                return min(_EARLY_304_PAUSE, float(settings.blocklist_wait))
+            if now - started < wait / 2:
+                return min(_EARLY_304_PAUSE, wait)
             return 0.0
         if response.status != 200:
             level = logging.ERROR if response.status in (401, 403) else logging.WARNING
@@ -284,43 +253,25 @@ class _PollError(Exception):
 
 # -- one blocklist per process -------------------------------------------------------------------
 
+# The plugin server is one process that never forks (a supervisor would exec its workers), so
+# one registry per process is one per server.
 _registry_lock = threading.Lock()
 _blocklists: dict[tuple[str, str], Blocklist] = {}
-_registry_pid = os.getpid()
 
 
 def get_blocklist(settings: BlocklistSettings) -> Blocklist:
     """The process's blocklist for this collector and token, polling from first use."""
-    if _registry_pid != os.getpid():
-        _forget_after_fork()
     key = (settings.collector_url, settings.collector_token)
     blocklist = _blocklists.get(key)
     if blocklist is None:
         with _registry_lock:
             blocklist = _blocklists.get(key)
             if blocklist is None:
-                blocklist = Blocklist(settings, _inherited.pop(key, None))
+                blocklist = Blocklist(settings)
                 _blocklists[key] = blocklist
     if blocklist.settings is not settings:
         blocklist.reconfigure(settings)
     return blocklist
-
-
-# Lists a forked child inherited: still the best knowledge until its own first poll.
-_inherited: dict[tuple[str, str], BlocklistSnapshot] = {}
-
-
-def _forget_after_fork() -> None:
-    global _registry_lock, _registry_pid
-    _registry_lock = threading.Lock()
-    for key, blocklist in list(_blocklists.items()):
-        blocklist.abandon_after_fork()
-        _inherited[key] = blocklist.snapshot()
-    _blocklists.clear()
-    _registry_pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def close_all() -> None:
@@ -331,98 +282,3 @@ def close_all() -> None:
     for blocklist in blocklists:
         with contextlib.suppress(Exception):
             blocklist.close()
-
-
-# -- the answer to a blocked consumer ------------------------------------------------------------
-
-
-class _Block(NamedTuple):
-    status: int
-    openai_type: str
-    anthropic_type: str
-    message: str
-    retry: bool
-
-
-_PREPAID_MESSAGE: Final = (
-    "You have run out of prepaid credit for this API. Add credit to your account, then retry "
-    "the request."
-)
-_BLOCKS: Final = {
-    INSUFFICIENT_CREDITS: _Block(
-        402, "insufficient_quota", "billing_error", _PREPAID_MESSAGE, retry=False
-    ),
-    PAYMENT_OVERDUE: _Block(
-        402,
-        "insufficient_quota",
-        "billing_error",
-        "An invoice of your account is unpaid or overdue. Pay it, then retry the request.",
-        retry=False,
-    ),
-    QUOTA_EXCEEDED: _Block(
-        429,
-        "insufficient_quota",
-        "rate_limit_error",
-        "You have used all the tokens of your monthly quota for this API. Usage resets at the "
-        "start of next month (UTC); ask for a higher quota to continue now.",
-        retry=False,
-    ),
-    # Not the consumer's fault and not permanent: the gateway cannot tell whether the consumer
-    # may pass (fail-closed, blocklist stale). A retry later can succeed, so the SDK may retry.
-    BLOCKLIST_UNAVAILABLE: _Block(
-        503,
-        "service_unavailable",
-        "api_error",
-        "The gateway cannot verify your remaining credit and quota right now. Retry in a few "
-        "seconds.",
-        retry=True,
-    ),
-}
-_SAFE_CODE = re.compile(r"^[a-z0-9_]{1,64}$")
-_RETRY_AFTER_SECONDS: Final = "5"
-# Anthropic's Messages API (and its token counting) as the client called it, behind any prefix
-# the Kong route adds: `/anthropic/v1/messages`.
-_ANTHROPIC_PATH = re.compile(r"/v1/messages(?:/count_tokens)?/?$")
-
-
-def is_anthropic_path(path: object) -> bool:
-    """Whether a request path is Anthropic's Messages API, which has its own error shape."""
-    return isinstance(path, str) and _ANTHROPIC_PATH.search(path.split("?", 1)[0]) is not None
-
-
-def block_response(reason: str, *, anthropic: bool = False) -> tuple[int, bytes, dict[str, str]]:
-    """Status, JSON body and headers for a request blocked with ``reason`` (contract 1).
-
-    OpenAI's error shape by default, Anthropic's (``{"type": "error", "error": {...}}``) for an
-    Anthropic route. A reason this version does not know (a newer collector's) still blocks,
-    with 402 and that code.
-    """
-    code = reason if _SAFE_CODE.match(reason) else "blocked"
-    block = _BLOCKS.get(code) or _Block(
-        402,
-        "insufficient_quota",
-        "billing_error",
-        f"Requests from your account to this API are blocked (reason: {code}).",
-        retry=False,
-    )
-    error: dict[str, Any]
-    if anthropic:
-        error = {"type": "error", "error": {"type": block.anthropic_type, "message": block.message}}
-    else:
-        error = {
-            "error": {
-                "message": block.message,
-                "type": block.openai_type,
-                "param": None,
-                "code": code,
-            }
-        }
-    headers = {
-        "Content-Type": "application/json",
-        "X-Token-Meter-Reason": code,
-        # Both OpenAI's and Anthropic's SDKs obey it.
-        "x-should-retry": "true" if block.retry else "false",
-    }
-    if block.retry:
-        headers["Retry-After"] = _RETRY_AFTER_SECONDS
-    return block.status, msgspec.json.encode(error), headers

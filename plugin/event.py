@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import msgspec
-
 from .usage import MAX_TOKENS, Usage
 
-__all__ = ["EVENT_TYPE", "SPECVERSION", "build_usage_event", "encode_events"]
+__all__ = ["EVENT_TYPE", "SPECVERSION", "build_usage_event"]
 
 SPECVERSION: Final = "1.0"
 EVENT_TYPE: Final = "ai.usage"
@@ -29,7 +26,6 @@ _MAX_SUBJECT: Final = 256
 _MAX_OPTIONAL_STRING: Final = 256
 _MAX_LATENCY_MS: Final = 86_400_000
 
-_ENCODER: Final = msgspec.json.Encoder()
 _RFC3339: Final = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})", re.ASCII
 )
@@ -97,11 +93,6 @@ def build_usage_event(
         "datacontenttype": DATA_CONTENT_TYPE,
         "data": data,
     }
-
-
-def encode_events(events: Iterable[Mapping[str, Any]]) -> bytes:
-    """A batch of events as one JSON array (the body of ``POST /v1/events``)."""
-    return _ENCODER.encode(events if isinstance(events, list) else list(events))
 
 
 def format_time(value: datetime | str | float) -> str:

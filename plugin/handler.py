@@ -50,13 +50,8 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from . import metrics
-from .blocklist import (
-    BlocklistSettings,
-    block_response,
-    close_all,
-    get_blocklist,
-    is_anthropic_path,
-)
+from .block_answer import block_response, is_anthropic_path
+from .blocklist import BlocklistSettings, close_all, get_blocklist
 from .config import TOKEN_METER, TOKEN_METER_LOG, PluginConfig
 from .delivery import DeliverySettings, all_stats, get_shipper, shutdown_all
 from .event import build_usage_event
@@ -74,7 +69,7 @@ from .kong_data import (
     new_event_id,
     sniff_content_encoding,
 )
-from .request_body import inject_stream_usage
+from .stream_options import inject_stream_usage
 from .usage import Usage, extract_usage, usage_from_ai_proxy_log
 
 log = logging.getLogger("token_meter_plugin")
@@ -86,35 +81,6 @@ _service_names = ServiceNames()
 
 
 # --- the plugins -------------------------------------------------------------------------------
-
-
-def shipping_settings(config: PluginConfig) -> DeliverySettings:
-    return DeliverySettings(
-        collector_url=config.collector_url,
-        collector_token=config.collector_token,
-        max_batch_size=config.max_batch_size,
-        max_coalescing_delay=config.max_coalescing_delay,
-        max_entries=config.max_entries,
-        initial_retry_delay=config.initial_retry_delay,
-        max_retry_delay=config.max_retry_delay,
-        timeout=config.timeout,
-        spool_dir=config.spool_dir,
-        spool_max_bytes=config.spool_max_bytes,
-        source=config.source,
-    )
-
-
-def blocklist_settings(config: PluginConfig) -> BlocklistSettings:
-    # A long poll shorter than the staleness bound, or every quiet poll would make the list stale.
-    wait = max(0, min(30, int(config.blocklist_max_stale / 2)))
-    return BlocklistSettings(
-        collector_url=config.collector_url,
-        collector_token=config.collector_token,
-        blocklist_wait=wait,
-        blocklist_max_stale=config.blocklist_max_stale,
-        fail_open=config.fail_open,
-        timeout=config.timeout,
-    )
 
 
 def stats() -> dict[str, Any]:
@@ -137,8 +103,8 @@ class _MeteringPlugin:
         # Instances are recreated on every config push; shipper and blocklist are per process
         # (get_shipper/get_blocklist return the running one for the same collector).
         self.config = PluginConfig.from_kong(self.plugin_name, config)
-        self.shipper = get_shipper(shipping_settings(self.config))
-        self.blocklist = get_blocklist(blocklist_settings(self.config))
+        self.shipper = get_shipper(DeliverySettings.of(self.config))
+        self.blocklist = get_blocklist(BlocklistSettings.of(self.config))
 
     def _block_if_listed(self, kong: Any) -> bool:
         """Answer a blocked consumer without calling the upstream. True when it did."""

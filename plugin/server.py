@@ -30,21 +30,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import gevent  # type: ignore[import-untyped]
 from kong_pdk.module import Module
 
 from .config import (
     DEFAULT_KONG_PREFIX,
     PHASES,
-    PRIORITY,
     TOKEN_METER,
     TOKEN_METER_LOG,
-    pdk_schema,
     plugin_info,
     set_kong_prefix,
 )
 from .config import plugin_version as _plugin_version
-from .guards import HANDLER_TIMEOUT_S, GuardedPluginServer, GuardedRpcServer
+from .event_channel import HANDLER_TIMEOUT_S
+from .plugin_server import GuardedPluginServer
+from .rpc import GuardedRpcServer
 
 log = logging.getLogger("token_meter_plugin")
 
@@ -221,14 +220,13 @@ def serve(
 
     on_shutdown(cleanup_socket)
 
-    # Kong stops its plugin servers with SIGTERM: flush what the hooks hold, then exit.
+    # Kong stops its plugin servers with SIGTERM: flush what the hooks hold, then exit. The same
+    # handler in both modes: a signal also wakes the gevent hub, whose loop then runs Python's
+    # pending signal handlers (the SIGTERM test stops a server of each mode).
     def on_term(*_: Any) -> None:
         threading.Thread(target=_exit_process, args=("SIGTERM",), daemon=True).start()
 
-    if args.gevent:
-        gevent.signal_handler(signal.SIGTERM, on_term)
-    else:
-        signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
 
     try:
@@ -258,11 +256,9 @@ def main_token_meter_log(argv: Sequence[str] | None = None) -> None:
 
 
 __all__ = [
-    "PRIORITY",
     "main_token_meter",
     "main_token_meter_log",
     "on_shutdown",
     "parse_args",
-    "pdk_schema",
     "serve",
 ]

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-INSUFFICIENT_CREDITS = "insufficient_credits"
-QUOTA_EXCEEDED = "quota_exceeded"
+from ..blocklist.reasons import BlockReason
+
 NANOS_PER_MICRO = 1000
 
 
@@ -31,21 +31,21 @@ class ConsumerState:
     blocked: frozenset[str]
 
 
-def wanted_blocks(state: ConsumerState, period_end: datetime) -> dict[str, dict[str, Any]]:
+def wanted_blocks(state: ConsumerState, period_end: datetime) -> dict[BlockReason, dict[str, Any]]:
     """The reasons the consumer must be blocked for, each with the detail shown to plugins.
     A prepaid consumer is blocked once its balance plus overdraft is at or under zero; a quota
     is used up once the month's total tokens reach it."""
-    reasons: dict[str, dict[str, Any]] = {}
+    reasons: dict[BlockReason, dict[str, Any]] = {}
     if state.prepaid:
         balance = state.balance_nanos or 0
         if balance + state.overdraft_micros * NANOS_PER_MICRO <= 0:
-            reasons[INSUFFICIENT_CREDITS] = {
+            reasons[BlockReason.INSUFFICIENT_CREDITS] = {
                 "balance_micros": micros_down(balance),
                 "overdraft_micros": state.overdraft_micros,
             }
     quota = state.monthly_token_quota
     if quota is not None and state.month_tokens >= quota:
-        reasons[QUOTA_EXCEEDED] = {
+        reasons[BlockReason.QUOTA_EXCEEDED] = {
             "monthly_token_quota": quota,
             "used_tokens": state.month_tokens,
             "resets_at": period_end.isoformat().replace("+00:00", "Z"),

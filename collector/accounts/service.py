@@ -1,6 +1,7 @@
 """The account service: admin updates and credit grants, the burn that runs inside every ingest
-transaction, and the sweep that re-evaluates every governed consumer (a new month lifts quota
-blocks; the sweep also heals whatever a missed evaluation could leave behind).
+transaction (it is ingest's FreshUsageListener), and the sweep that re-evaluates every governed
+consumer (a new month lifts quota blocks; the sweep also heals whatever a missed evaluation
+could leave behind).
 
 Every change re-evaluates the consumers it touches in its own transaction, under their row
 locks, and writes the blocklist only where the state changes: no version bump on a no-op."""
@@ -11,12 +12,13 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
 import structlog
 
-from ..ingest.events import UsageEvent
+from ..blocklist import store as blocklist
+from ..blocklist.store import Block, Unblock
+from ..ingest.fresh import FreshUsage, Pricing
 from ..observability import Metrics
 from ..usage.store import month_bounds
 from . import store
@@ -44,15 +46,12 @@ class AccountService:
         *,
         clock: Clock = utc_now,
         sweep_interval: float = SWEEP_INTERVAL,
-        price_book_version: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.clock = clock  # injectable: tests move it to the next month
         self.sweep_interval = sweep_interval
-        self.price_book_version = price_book_version
         self._task: asyncio.Task[None] | None = None
-        self._logged_unpriced: set[str] = set()
 
     # -- admin ----------------------------------------------------------------------------
 
@@ -99,35 +98,22 @@ class AccountService:
 
     # -- ingest ---------------------------------------------------------------------------
 
-    async def after_store(
-        self, conn: asyncpg.Connection, _requests: Sequence[Sequence[UsageEvent]]
+    async def on_fresh_usage(
+        self, conn: asyncpg.Connection, fresh: Sequence[FreshUsage], book: Pricing | None
     ) -> None:
         """Inside the ingest transaction, after its events are stored: burn the new events'
-        cost from prepaid balances and re-evaluate the consumers with a rule to apply."""
-        unpriced = await store.fresh_unpriced_events(conn)
-        if unpriced:
-            self.metrics.unpriced_events.inc(unpriced)
-            await self._log_unpriced(conn, unpriced)
-        governed = await store.lock_fresh_governed(conn)
-        if not governed:
+        cost from prepaid balances and re-evaluate the consumers with a rule to apply. The
+        ledger names `book`, the book that priced the events, whatever is loaded by now."""
+        if not fresh:
+            return
+        prepaid = await store.lock_governed(conn, [f.consumer for f in fresh])
+        if not prepaid:
             return  # post-paid consumers without a quota: no rule applies
-        burns = [g for g in governed if g.prepaid and g.cost_nanos > 0]
+        burns = [f for f in fresh if prepaid.get(f.consumer) and f.cost_nanos > 0]
         if burns:
-            await store.burn(conn, burns, self.price_book_version())
+            await store.burn(conn, burns, book.version if book is not None else None)
             self.metrics.credit_burned_nanos.inc(sum(b.cost_nanos for b in burns))
-        await self.enforce(conn, [g.consumer for g in governed])
-
-    async def _log_unpriced(self, conn: asyncpg.Connection, count: int) -> None:
-        models = await store.unpriced_models(conn)
-        new = [m for m in models if m not in self._logged_unpriced]
-        if new and len(self._logged_unpriced) < 1000:  # bounded: names come from outside
-            self._logged_unpriced.update(new)
-            log.warning(
-                "unpriced_model",
-                models=new,
-                events=count,
-                hint="add the model (or an alias) to the price book; these events cost 0",
-            )
+        await self.enforce(conn, list(prepaid))
 
     # -- the rules ------------------------------------------------------------------------
 
@@ -137,8 +123,8 @@ class AccountService:
         now = self.clock()
         month, period_end = month_bounds(now)
         states = await store.read_states(conn, consumers, month)
-        to_block: list[tuple[str, str, dict[str, Any]]] = []
-        to_unblock: list[tuple[str, str]] = []
+        to_block: list[Block] = []
+        to_unblock: list[Unblock] = []
         low_flags: list[tuple[str, bool]] = []
         for state in states:
             wanted = wanted_blocks(state, period_end)
@@ -159,15 +145,15 @@ class AccountService:
                     )
                 else:
                     log.info("low_balance_cleared", consumer=state.consumer)
-        await store.unblock(conn, to_unblock)
-        await store.block(conn, to_block)
+        await blocklist.unblock(conn, to_unblock)
+        await blocklist.block(conn, to_block)
         await store.set_low_balance(conn, low_flags)
         for consumer, reason, detail in to_block:
             self.metrics.blocklist_transitions.labels(reason, "blocked").inc()
             log.info("consumer_blocked", consumer=consumer, reason=reason, **detail)
-        for consumer, reason in to_unblock:
-            self.metrics.blocklist_transitions.labels(reason, "unblocked").inc()
-            log.info("consumer_unblocked", consumer=consumer, reason=reason)
+        for consumer, lifted in to_unblock:
+            self.metrics.blocklist_transitions.labels(lifted, "unblocked").inc()
+            log.info("consumer_unblocked", consumer=consumer, reason=lifted)
         return len(to_block) + len(to_unblock)
 
     async def sweep(self, *, wait_for_lock: bool = False) -> int:

@@ -1,5 +1,5 @@
-"""SQL for accounts, the credit ledger and the blocklist rules, all run inside the caller's
-transaction.
+"""SQL for accounts and the credit ledger, and what the blocklist rules read, all run inside the
+caller's transaction. (The blocklist's rows are written by collector/blocklist/store.py.)
 
 Lock order, the same in every transaction so they wait for, never deadlock with, each other:
 rollup rows (ingest only), then `consumers` rows in consumer order (the per-consumer point where
@@ -9,43 +9,29 @@ updates the single version row)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
-import msgspec
 
+from ..ingest.fresh import FreshUsage
 from .model import ACCOUNT_FIELDS, Account, CreditGrant
 from .rules import ConsumerState
-
-
-@dataclass(frozen=True, slots=True)
-class FreshUsage:
-    """What one ingest transaction's new events add up to for one consumer."""
-
-    consumer: str
-    prepaid: bool
-    events: int
-    cost_nanos: int
-    unpriced_events: int
-
 
 # Only consumers a rule may apply to are locked (and in consumer order): locking every consumer
 # of every batch would cost each ingest transaction a row write per consumer. The one race this
 # leaves (a PUT giving a consumer its first quota while that consumer's first event of a new
 # model this month is being stored: the PUT cannot see that rollup row yet) is closed by the
 # next event of that consumer or by the periodic sweep, whichever comes first.
-LOCK_FRESH_CONSUMERS = """
-SELECT c.consumer, c.prepaid, f.events, f.cost_nanos, f.unpriced_events
-FROM fresh_usage f JOIN consumers c ON c.consumer = f.consumer
-WHERE c.prepaid OR c.monthly_token_quota IS NOT NULL
-   OR EXISTS (SELECT 1 FROM blocklist bl WHERE bl.consumer = c.consumer)
+LOCK_GOVERNED = """
+SELECT c.consumer, c.prepaid
+FROM consumers c
+WHERE c.consumer = ANY($1::text[])
+  AND (c.prepaid OR c.monthly_token_quota IS NOT NULL
+       OR EXISTS (SELECT 1 FROM blocklist bl WHERE bl.consumer = c.consumer))
 ORDER BY c.consumer
 FOR UPDATE OF c
 """
-
-UNPRICED_EVENTS = "SELECT coalesce(sum(unpriced_events), 0)::int8 FROM fresh_usage"
 
 BURN = """
 WITH burn AS (
@@ -76,19 +62,6 @@ ORDER BY c.consumer
 FOR UPDATE OF c
 """
 
-BLOCK = """
-INSERT INTO blocklist (consumer, reason, detail)
-SELECT consumer, reason, detail::jsonb
-FROM unnest($1::text[], $2::text[], $3::text[]) AS t(consumer, reason, detail)
-ORDER BY consumer, reason
-ON CONFLICT DO NOTHING
-"""
-
-UNBLOCK = """
-DELETE FROM blocklist b USING unnest($1::text[], $2::text[]) AS t(consumer, reason)
-WHERE b.consumer = t.consumer AND b.reason = t.reason
-"""
-
 SET_LOW_BALANCE = """
 UPDATE balances b SET low_balance = t.low
 FROM unnest($1::text[], $2::bool[]) AS t(consumer, low)
@@ -111,26 +84,9 @@ WHERE c.consumer = $1
 """
 
 
-async def lock_fresh_governed(conn: asyncpg.Connection) -> list[FreshUsage]:
-    """The transaction's new usage of consumers a rule applies to, their rows locked."""
-    rows = await conn.fetch(LOCK_FRESH_CONSUMERS)
-    return [
-        FreshUsage(r["consumer"], r["prepaid"], r["events"], r["cost_nanos"], r["unpriced_events"])
-        for r in rows
-    ]
-
-
-async def fresh_unpriced_events(conn: asyncpg.Connection) -> int:
-    return int(await conn.fetchval(UNPRICED_EVENTS))
-
-
-async def unpriced_models(conn: asyncpg.Connection) -> list[str]:
-    """Models of this transaction's events that the price book did not know."""
-    rows = await conn.fetch(
-        "SELECT DISTINCT coalesce(model, '') AS model FROM staging_events"
-        " WHERE cost_nanos IS NULL LIMIT 100"
-    )
-    return [r["model"] for r in rows]
+async def lock_governed(conn: asyncpg.Connection, consumers: Sequence[str]) -> dict[str, bool]:
+    """Of `consumers`, those a rule applies to, their rows locked: consumer -> prepaid."""
+    return {r["consumer"]: r["prepaid"] for r in await conn.fetch(LOCK_GOVERNED, consumers)}
 
 
 async def burn(
@@ -258,21 +214,6 @@ async def read_states(
         )
         for r in rows
     ]
-
-
-async def block(conn: asyncpg.Connection, entries: Sequence[tuple[str, str, Any]]) -> None:
-    if entries:
-        await conn.execute(
-            BLOCK,
-            [c for c, _, _ in entries],
-            [r for _, r, _ in entries],
-            [msgspec.json.encode(d).decode() for _, _, d in entries],
-        )
-
-
-async def unblock(conn: asyncpg.Connection, entries: Sequence[tuple[str, str]]) -> None:
-    if entries:
-        await conn.execute(UNBLOCK, [c for c, _ in entries], [r for _, r in entries])
 
 
 async def set_low_balance(conn: asyncpg.Connection, flags: Sequence[tuple[str, bool]]) -> None:

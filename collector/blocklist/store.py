@@ -1,15 +1,55 @@
-"""Reading the blocklist table as one consistent, versioned snapshot."""
+"""The blocklist table: every write to it (rows added and removed inside the caller's
+transaction) and reading it back as one consistent, versioned snapshot.
+
+A trigger bumps the single `blocklist_state` version row and notifies CHANNEL for every row
+changed, so these writes come last in a transaction's lock order (that row is the one every
+writer shares; see collector/accounts/store.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
 import msgspec
 
+from .reasons import REASON_PRECEDENCE, BlockReason
+
 CHANNEL = "token_meter_blocklist"
-# When both apply, the plugin answers with the reason a customer can act on first: pay.
-REASON_PRECEDENCE = ("insufficient_credits", "quota_exceeded")
+
+# (consumer, reason, detail shown to the plugins) and (consumer, reason).
+Block = tuple[str, BlockReason, Mapping[str, object]]
+Unblock = tuple[str, str]  # a reason read back from the table is a plain string
+
+BLOCK = """
+INSERT INTO blocklist (consumer, reason, detail)
+SELECT consumer, reason, detail::jsonb
+FROM unnest($1::text[], $2::text[], $3::text[]) AS t(consumer, reason, detail)
+ORDER BY consumer, reason
+ON CONFLICT DO NOTHING
+"""
+
+UNBLOCK = """
+DELETE FROM blocklist b USING unnest($1::text[], $2::text[]) AS t(consumer, reason)
+WHERE b.consumer = t.consumer AND b.reason = t.reason
+"""
+
+
+async def block(conn: asyncpg.Connection, entries: Sequence[Block]) -> None:
+    """Put consumers on the blocklist for a reason; one already there for it stays as it is."""
+    if entries:
+        await conn.execute(
+            BLOCK,
+            [c for c, _, _ in entries],
+            [r for _, r, _ in entries],
+            [msgspec.json.encode(d).decode() for _, _, d in entries],
+        )
+
+
+async def unblock(conn: asyncpg.Connection, entries: Sequence[Unblock]) -> None:
+    """Take consumers off the blocklist for a reason (their other reasons stay)."""
+    if entries:
+        await conn.execute(UNBLOCK, [c for c, _ in entries], [r for _, r in entries])
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -23,16 +23,14 @@ import structlog
 
 from ..observability import Metrics
 from .events import DEFAULT_DEDUPE_HORIZON, ParsedBatch, Rejection, UsageEvent, parse_batch
-from .store import Pricing, StoreResult, store_events
+from .fresh import FreshUsageListener, Pricing
+from .store import StoredEvents, StoreResult, store_events
 
 log = structlog.get_logger("token_meter.ingest")
 
 MAX_ATTEMPTS = 5
 DEFAULT_MAX_EVENTS_PER_TRANSACTION = 50_000
-
-# Runs inside the ingest transaction after the events are stored: the seam where credits and
-# quotas (burn, blocklist) join the same commit, so usage and balances never disagree.
-AfterStore = Callable[[asyncpg.Connection, Sequence[Sequence[UsageEvent]]], Awaitable[None]]
+UNPRICED_MODELS_REMEMBERED = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +71,13 @@ class IngestService:
         self.metrics = metrics
         self.max_events = max_events
         self.max_events_per_transaction = max(max_events_per_transaction, max_events)
-        self.after_store: list[AfterStore] = []
-        # The price book to cost each transaction's events with (reloadable, so asked each time).
+        # Told of each transaction's new usage before its commit: the seam where credits and
+        # quotas (burn, blocklist) join the same commit, so usage and balances never disagree.
+        self.listeners: list[FreshUsageListener] = []
+        # The price book to cost each transaction's events with (reloadable, so asked once per
+        # transaction; the listeners get that same book).
         self.pricing: Callable[[], Pricing] | None = None
+        self._logged_unpriced: set[str] = set()
         self.writer_count = writers
         self.dedupe_horizon = dedupe_horizon
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()  # None: stop one writer
@@ -161,11 +163,12 @@ class IngestService:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
-                    pricing = self.pricing() if self.pricing is not None else None
-                    results = await store_events(conn, requests, pricing)
-                    for hook in self.after_store:
-                        await hook(conn, requests)
-                    return results
+                    book = self.pricing() if self.pricing is not None else None
+                    stored = await store_events(conn, requests, book)
+                    for listener in self.listeners:
+                        await listener.on_fresh_usage(conn, stored.fresh, book)
+                self._report_unpriced(stored)  # once committed, so a retry counts them once
+                return stored.results
             except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
                 # Other collectors on the same database may touch the same rollup rows.
                 if attempt == MAX_ATTEMPTS:
@@ -174,3 +177,18 @@ class IngestService:
                 log.warning("ingest_transaction_retry", attempt=attempt)
                 await asyncio.sleep(0.01 * attempt)
         raise AssertionError("unreachable")
+
+    def _report_unpriced(self, stored: StoredEvents) -> None:
+        count = stored.unpriced_events
+        if not count:
+            return
+        self.metrics.unpriced_events.inc(count)
+        new = [m for m in stored.unpriced_models if m not in self._logged_unpriced]
+        if new and len(self._logged_unpriced) < UNPRICED_MODELS_REMEMBERED:  # names from outside
+            self._logged_unpriced.update(new)
+            log.warning(
+                "unpriced_model",
+                models=new,
+                events=count,
+                hint="add the model (or an alias) to the price book; these events cost 0",
+            )

@@ -1,7 +1,9 @@
 """Storing events: per transaction, a binary COPY of the events of every waiting request into a
 session staging table, then one statement that dedupes them by (source, id), appends the raw
-events, registers new consumers and updates the hourly and monthly rollups. No per-event round
-trip. (COPY measured faster than one statement over unnested arrays at every batch size.)"""
+events, registers new consumers, updates the hourly and monthly rollups and answers with what
+the new events add up to per request and per consumer. No per-event round trip. (COPY measured
+faster than one statement over unnested arrays at every batch size.) The staging table is this
+module's own: what others need of a transaction leaves it as FreshUsage values."""
 
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
 
 import asyncpg
 
-from .events import UsageData, UsageEvent
+from .events import UsageEvent
+from .fresh import FreshUsage, Pricing
 
 # (column, SQL type) of the staging table, in COPY order.
 BATCH_COLUMNS = (
@@ -55,17 +57,12 @@ STAGING_DDL = "CREATE TEMP TABLE IF NOT EXISTS staging_events ({}) ON COMMIT DEL
     ", ".join(
         f"{name} {kind}{_BYTEWISE if name in _KEY_COLUMNS else ''}" for name, kind in BATCH_COLUMNS
     )
-) + (
-    # What the transaction's NEW events (duplicates left out) add up to per consumer, for the
-    # after-store hooks (credits burn, quotas) that run in the same transaction.
-    '; CREATE TEMP TABLE IF NOT EXISTS fresh_usage (consumer text COLLATE "C" PRIMARY KEY,'
-    " events int8 NOT NULL, total_tokens int8 NOT NULL, cost_nanos int8 NOT NULL,"
-    " unpriced_events int8 NOT NULL) ON COMMIT DELETE ROWS"
 )
 
 _ROLLUP_SUMS = """count(*), count(*) FILTER (WHERE usage_missing),
         sum(input_tokens), sum(output_tokens), sum(cached_input_tokens),
-        sum(cache_write_input_tokens), sum(reasoning_tokens), sum(total_tokens)"""
+        sum(cache_write_input_tokens), sum(reasoning_tokens), sum(total_tokens),
+        coalesce(sum(cost_nanos), 0)"""
 _ROLLUP_ADD = """events = {t}.events + EXCLUDED.events,
         usage_missing_events = {t}.usage_missing_events + EXCLUDED.usage_missing_events,
         input_tokens = {t}.input_tokens + EXCLUDED.input_tokens,
@@ -74,9 +71,10 @@ _ROLLUP_ADD = """events = {t}.events + EXCLUDED.events,
         cache_write_input_tokens = {t}.cache_write_input_tokens
                                    + EXCLUDED.cache_write_input_tokens,
         reasoning_tokens = {t}.reasoning_tokens + EXCLUDED.reasoning_tokens,
-        total_tokens = {t}.total_tokens + EXCLUDED.total_tokens"""
+        total_tokens = {t}.total_tokens + EXCLUDED.total_tokens,
+        cost_nanos = {t}.cost_nanos + EXCLUDED.cost_nanos"""
 _ROLLUP_COLUMNS = """events, usage_missing_events, input_tokens, output_tokens,
-        cached_input_tokens, cache_write_input_tokens, reasoning_tokens, total_tokens"""
+        cached_input_tokens, cache_write_input_tokens, reasoning_tokens, total_tokens, cost_nanos"""
 
 # Keys within one transaction are unique already (see event_records), so the new ones join back to
 # their rows without a DISTINCT. Rows are taken in key order so transactions of collectors
@@ -105,29 +103,40 @@ WITH new_keys AS (
     SELECT consumer, coalesce(model, ''), date_trunc('month', time), {_ROLLUP_SUMS}
     FROM fresh GROUP BY 1, 2, 3 ORDER BY 1, 3, 2
     ON CONFLICT (consumer, month, model) DO UPDATE SET {_ROLLUP_ADD.format(t="usage_monthly")}
-), fresh_by_consumer AS (
-    INSERT INTO fresh_usage (consumer, events, total_tokens, cost_nanos, unpriced_events)
-    SELECT consumer, count(*), sum(total_tokens), coalesce(sum(cost_nanos), 0),
-           count(*) FILTER (WHERE cost_nanos IS NULL)
-    FROM fresh GROUP BY consumer
 )
-SELECT request, count(*) AS accepted FROM fresh GROUP BY request
+-- The new events counted per request (consumer NULL) and summed per consumer (request NULL),
+-- consumers in order, with the hours they fall in and the consumer's latest custom_id.
+SELECT request, consumer, count(*) AS events, sum(total_tokens)::int8 AS total_tokens,
+       coalesce(sum(cost_nanos), 0)::int8 AS cost_nanos,
+       count(*) FILTER (WHERE cost_nanos IS NULL) AS unpriced_events,
+       CASE WHEN consumer IS NOT NULL THEN array_agg(DISTINCT date_trunc('hour', time)) END
+           AS hours,
+       (array_agg(consumer_custom_id ORDER BY time DESC)
+           FILTER (WHERE consumer_custom_id IS NOT NULL))[1] AS custom_id
+FROM fresh GROUP BY GROUPING SETS ((request), (consumer)) ORDER BY consumer
 """
-
-
-class Pricing(Protocol):
-    """Prices each event as it is stored (collector/pricing's PriceBook is one)."""
-
-    @property
-    def version(self) -> str: ...
-
-    def cost_nanos(self, data: UsageData) -> int | None: ...
+_RECORD_MODEL = COPY_COLUMNS.index("model")
+_RECORD_COST = COPY_COLUMNS.index("cost_nanos")
+UNPRICED_MODELS_SHOWN = 100
 
 
 @dataclass(frozen=True, slots=True)
 class StoreResult:
     accepted: int
     duplicates: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvents:
+    """One transaction's events, stored (not yet committed)."""
+
+    results: list[StoreResult]  # one per request, in order
+    fresh: list[FreshUsage]  # one per consumer with new events, in consumer order
+    unpriced_models: list[str]  # models of the events the book could not price (at most 100)
+
+    @property
+    def unpriced_events(self) -> int:
+        return sum(f.unpriced_events for f in self.fresh)
 
 
 def event_key(source: str, event_id: str) -> bytes:
@@ -194,22 +203,45 @@ async def store_events(
     conn: asyncpg.Connection,
     requests: Sequence[Sequence[UsageEvent]],
     pricing: Pricing | None = None,
-) -> list[StoreResult]:
-    """Store the events of several requests durably, one result per request. Run it inside a
-    transaction: the caller's commit is what makes the events acknowledged. The new events'
-    sums per consumer are left in the `fresh_usage` temp table until the commit."""
+) -> StoredEvents:
+    """Store the events of several requests durably, one result per request, and sum up the
+    new ones per consumer. Run it inside a transaction: the caller's commit is what makes the
+    events acknowledged."""
     records = event_records(requests, pricing)
     if not records:
-        return [StoreResult(0, 0) for _ in requests]
+        return StoredEvents([StoreResult(0, 0) for _ in requests], [], [])
     await conn.copy_records_to_table("staging_events", records=records, columns=COPY_COLUMNS)
     # The temp table is never analyzed, so the planner misjudges the join of new keys back to
     # their rows and picks a merge join that sorts every wide row; a hash join is far cheaper.
     await conn.execute("SET LOCAL enable_mergejoin = off")
-    accepted = {row["request"]: row["accepted"] for row in await conn.fetch(STORE_BATCH)}
-    return [
+    accepted: dict[int, int] = {}
+    fresh: list[FreshUsage] = []
+    for row in await conn.fetch(STORE_BATCH):
+        if row["consumer"] is None:
+            accepted[row["request"]] = row["events"]
+        else:
+            fresh.append(
+                FreshUsage(
+                    row["consumer"],
+                    row["events"],
+                    row["total_tokens"],
+                    row["cost_nanos"],
+                    row["unpriced_events"],
+                    tuple(row["hours"]),
+                    row["custom_id"],
+                )
+            )
+    results = [
         StoreResult(accepted.get(i, 0), len(events) - accepted.get(i, 0))
         for i, events in enumerate(requests)
     ]
+    unpriced: list[str] = []
+    if any(f.unpriced_events for f in fresh):
+        # Rare, so looked for only then: every event the book did not price, duplicates too.
+        unpriced = list(
+            dict.fromkeys(str(r[_RECORD_MODEL] or "") for r in records if r[_RECORD_COST] is None)
+        )[:UNPRICED_MODELS_SHOWN]
+    return StoredEvents(results, fresh, unpriced)
 
 
 PRUNE_BATCH = 10_000

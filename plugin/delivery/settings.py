@@ -1,11 +1,15 @@
-"""What a shipper needs to know. The Kong schema (``plugin/config.py``) validates the values."""
+"""What a shipper needs to know: a view of the plugin config, which holds every rule.
+
+The plugin builds it with ``DeliverySettings.of(config)``. Its defaults are the config's own
+(``plugin/config.py``), for what builds one by hand: tests and benchmarks.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Final
 
-GIB: Final = 1024**3
+from ..config import PluginConfig, default_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,23 +18,26 @@ class DeliverySettings:
 
     collector_url: str
     collector_token: str
-    # Events per POST (the collector takes at least 10,000).
-    max_batch_size: int = 1000
+    # Events per POST (the collector takes at most 10,000).
+    max_batch_size: int = default_of("max_batch_size", int)
     # Seconds the oldest unsent event waits for others before its batch goes.
-    max_coalescing_delay: float = 0.2
+    max_coalescing_delay: float = default_of("max_coalescing_delay", float)
     # Events cached in memory in front of the journal; older unsent ones are read from disk.
-    max_entries: int = 100_000
+    max_entries: int = default_of("max_entries", int)
     # Backoff between failed deliveries: capped exponential with full jitter; never gives up.
-    initial_retry_delay: float = 0.1
-    max_retry_delay: float = 30.0
+    initial_retry_delay: float = default_of("initial_retry_delay", float)
+    max_retry_delay: float = default_of("max_retry_delay", float)
     # Seconds to connect, and to wait for the collector's answer.
-    timeout: float = 10.0
+    timeout: float = default_of("timeout", float)
     # The plugin server's durable directory (required, by keyword); the journal is a
     # subdirectory of it per collector. Never a default here: the caller knows what is durable.
     spool_dir: str = field(kw_only=True)
     # Bound of the journal on disk; past it new events are lost (counted, logged).
-    spool_max_bytes: int = 8 * GIB
-    # The data plane's CloudEvents ``source``, stamped into events that have none.
+    spool_max_bytes: int = default_of("spool_max_bytes", int)
+    # The data plane's CloudEvents ``source``, stamped into events that have none ("": none).
     source: str = ""
-    # Seconds ``close`` gives delivery by default; what is left stays in the journal.
-    shutdown_timeout: float = 5.0
+
+    @classmethod
+    def of(cls, config: PluginConfig) -> DeliverySettings:
+        """The delivery part of a plugin config: each field is the config's field of that name."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})

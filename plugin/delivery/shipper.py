@@ -96,16 +96,15 @@ class Shipper:
         self._sender.start()
         return self._sender.flush(timeout)
 
-    def close(self, timeout: float | None = None) -> None:
-        """Try to deliver within ``timeout`` (default: ``shutdown_timeout``), then stop. What is
-        not delivered stays in the journal, for the next process on this directory."""
+    def close(self, timeout: float) -> None:
+        """Try to deliver within ``timeout`` seconds, then stop. What is not delivered stays in
+        the journal, for the next process on this directory."""
         if self._closed:
             return
         self._closed = True
-        budget = self._settings.shutdown_timeout if timeout is None else timeout
-        deadline = time.monotonic() + budget
+        deadline = time.monotonic() + timeout
         if self._sender.started:
-            self._sender.flush(budget)
+            self._sender.flush(timeout)
         self._sender.stop(max(0.1, deadline - time.monotonic()))
         self._outbox.close()
         log(logging.INFO, "shipper_closed", directory=self.directory, **self.stats())

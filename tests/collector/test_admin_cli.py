@@ -68,24 +68,24 @@ async def test_grant_usage_quota_and_blocklist(collector: RunningCollector) -> N
     assert json.loads(out)["monthly_token_quota"] is None
 
 
-async def test_errors_are_one_line_and_exit_1(collector: RunningCollector, tmp_path: Path) -> None:
+async def test_errors_are_one_line_and_exit_2(collector: RunningCollector, tmp_path: Path) -> None:
     code, _, err = await admin(collector, "grant", "acme", "5", "--key", "k")
     assert code == 0
     code, _, err = await admin(collector, "grant", "acme", "6", "--key", "k")
-    assert code == 1
+    assert code == 2
     assert "409" in err and "k" in err
     code, _, err = await admin(collector, "usage", "nobody")
-    assert (code, "404" in err) == (1, True)
+    assert (code, "404" in err) == (2, True)
     code, _, err = await admin(collector, "set-quota", "acme", "lots")
-    assert code == 1 and "quota must be" in err
+    assert code == 2 and "quota must be" in err
     code, _, err = await admin(
         collector, "usage", "acme", env={"TOKEN_METER_ADMIN_TOKEN": collector.ingest_token}
     )
-    assert code == 1 and "403" in err
+    assert code == 2 and "403" in err
     code, _, err = await admin(
         collector, "usage", "acme", env={"TOKEN_METER_URL": "http://127.0.0.1:9"}
     )
-    assert code == 1 and "cannot reach" in err
+    assert code == 2 and "cannot reach" in err
 
 
 async def test_the_token_comes_from_the_collectors_data_directory(
@@ -106,7 +106,7 @@ async def test_the_token_comes_from_the_collectors_data_directory(
         "acme",
         env={"TOKEN_METER_ADMIN_TOKEN": "", "TOKEN_METER_DATA_DIR": str(tmp_path / "none")},
     )
-    assert code == 1 and "no admin token" in err
+    assert code == 2 and "no admin token" in err
 
 
 def test_amounts_and_money_keep_every_digit() -> None:

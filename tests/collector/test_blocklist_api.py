@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
 import asyncpg
 
 from tests.conftest import RunningCollector, make_settings, run_collector_app
+from token_meter_collector.blocklist.reasons import BlockReason
 
 
 async def get_blocklist(
@@ -29,6 +31,15 @@ async def test_empty_blocklist_has_a_version_and_etag(collector: RunningCollecto
     assert etag == '"1"'
     status, _, _ = await get_blocklist(collector, etag='"1"')
     assert status == 304
+
+
+async def test_the_table_allows_exactly_the_collectors_reasons(db: asyncpg.Connection) -> None:
+    """The migration's CHECK constraint names the codes of BlockReason, no more, no fewer."""
+    check = await db.fetchval(
+        "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
+        " WHERE conrelid = 'blocklist'::regclass AND contype = 'c'"
+    )
+    assert set(re.findall(r"'([a-z_]+)'::text", check)) == set(BlockReason)
 
 
 async def test_admin_token_is_403_and_no_token_401(collector: RunningCollector) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-from datetime import timedelta
+from collections.abc import Sequence
+from datetime import datetime, timedelta
 
 import asyncpg
 
 from tests.conftest import RunningCollector
-from tests.factories import usage_event
+from tests.factories import this_hour, usage_event
+from token_meter_collector.ingest.events import UsageData
+from token_meter_collector.ingest.fresh import FreshUsage, Pricing
 from token_meter_collector.ingest.store import prune_event_keys
-from token_meter_collector.keys import POOL
+from token_meter_collector.keys import INGEST, POOL, PRICING
 
 
 async def stored_count(db: asyncpg.Connection) -> int:
@@ -59,6 +62,56 @@ async def test_duplicates_across_batches_are_acknowledged_not_counted(
     _, usage = await collector.usage("alice")
     assert usage["events"] == 15
     assert usage["total_tokens"] == 15 * 120
+
+
+class RecordingListener:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[FreshUsage], Pricing | None, bool]] = []
+
+    async def on_fresh_usage(
+        self, conn: asyncpg.Connection, fresh: Sequence[FreshUsage], book: Pricing | None
+    ) -> None:
+        self.calls.append((list(fresh), book, conn.is_in_transaction()))
+
+
+async def test_listeners_get_the_new_usage_per_consumer_and_the_book_that_priced_it(
+    collector: RunningCollector,
+) -> None:
+    """Duplicates left out, one entry per consumer in consumer order, inside the transaction."""
+    assert collector.app is not None
+    listener = RecordingListener()
+    collector.app[INGEST].listeners.append(listener)
+    at = this_hour()
+    await collector.post_events(
+        [
+            usage_event("b1", "bob", time=at),
+            usage_event("a1", "alice", time=at),
+            usage_event("a2", "alice", time=at),
+        ]
+    )
+    await collector.post_events(
+        [
+            usage_event("a1", "alice", time=at),
+            usage_event("b2", "bob", time=at, model="no-such-model-anywhere"),
+        ]
+    )
+    book = collector.app[PRICING].current()
+    cost = book.cost_nanos(
+        UsageData(input_tokens=100, output_tokens=20, total_tokens=120, model="gpt-4o")
+    )
+    assert cost is not None and cost > 0
+    hours = (datetime.fromisoformat(at).replace(second=0),)
+    assert listener.calls == [
+        (
+            [
+                FreshUsage("alice", 2, 240, 2 * cost, 0, hours),
+                FreshUsage("bob", 1, 120, cost, 0, hours),
+            ],
+            book,
+            True,
+        ),
+        ([FreshUsage("bob", 1, 120, 0, 1, hours)], book, True),
+    ]
 
 
 async def test_same_id_from_another_source_is_a_different_event(

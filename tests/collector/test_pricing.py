@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,12 @@ import aiohttp
 import asyncpg
 import pytest
 
+from tests.collector.accounts_api import grant
 from tests.conftest import make_settings, run_collector_app
 from tests.factories import usage_event
 from token_meter_collector.ingest.events import UsageData
-from token_meter_collector.keys import PRICING
+from token_meter_collector.ingest.fresh import FreshUsage, Pricing
+from token_meter_collector.keys import INGEST, PRICING
 from token_meter_collector.observability import Metrics
 from token_meter_collector.pricing.book import (
     PriceBookError,
@@ -269,6 +272,43 @@ async def test_a_changed_book_is_used_without_a_restart_and_a_bad_one_is_refused
         assert [tuple(r) for r in rows] == [("a", 50_000, "test-2"), ("b", 50_000, "test-2")]
         _, body, _ = await collector.get("/metrics")
         assert 'token_meter_price_book_reloads_total{outcome="failed"} 1.0' in body.decode()
+
+
+class ReloadBeforeTheBurn:
+    """A listener that runs between pricing and burning (it is told of the fresh usage before
+    accounts is) and reloads a changed price book there, as SIGHUP or the file watcher can
+    while the transaction waits on the database."""
+
+    def __init__(self, source: PriceBookSource, path: Path) -> None:
+        self.source = source
+        self.path = path
+
+    async def on_fresh_usage(
+        self, conn: asyncpg.Connection, fresh: Sequence[FreshUsage], book: Pricing | None
+    ) -> None:
+        self.path.write_text(BOOK.replace("test-1", "test-2").replace("input = 2.50", "input = 5"))
+        assert self.source.reload() is True
+
+
+async def test_a_reload_mid_transaction_never_labels_a_burn_with_a_book_that_did_not_price_it(
+    database_url: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text(BOOK)
+    settings = make_settings(database_url, tmp_path, TOKEN_METER_PRICE_BOOK=str(path))
+    async with run_collector_app(settings) as collector:
+        assert collector.app is not None
+        await grant(collector, "pat", 1_000_000, "k")
+        ingest = collector.app[INGEST]
+        ingest.listeners.insert(0, ReloadBeforeTheBurn(collector.app[PRICING], path))
+        await collector.post_events([usage_event("a", "pat", input_tokens=10, output_tokens=0)])
+        event = await db.fetchrow("SELECT cost_nanos, price_book_version FROM usage_events")
+        burn = await db.fetchrow(
+            "SELECT amount_nanos, price_book_version FROM credit_ledger WHERE kind = 'burn'"
+        )
+        assert tuple(event) == (25_000, "test-1")
+        assert tuple(burn) == (-25_000, "test-1")  # the book that priced it, not the one loaded
+        assert collector.app[PRICING].current().version == "test-2"
 
 
 async def test_the_watcher_notices_a_changed_file(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from referencing.jsonschema import DRAFT202012
 from tests.conftest import RunningCollector, make_settings
 from tests.factories import usage_event
 from token_meter_collector.app import create_app
+from token_meter_collector.blocklist.reasons import REASON_PRECEDENCE, BlockReason
 
 SPEC_URI = "urn:token-meter:openapi"
 SPEC: dict[str, Any] = yaml.safe_load(
@@ -64,6 +65,13 @@ def check_response(method: str, path: str, status: int, content_type: str, body:
         {"$ref": f"{SPEC_URI}#{pointer}"}, registry=REGISTRY
     )
     validator.validate(json.loads(body))
+
+
+def test_the_spec_lists_the_collectors_block_reasons_in_precedence_order() -> None:
+    """The reason codes live once in the collector; the spec's enums are copies of them."""
+    entry = SPEC["components"]["schemas"]["BlocklistEntry"]["properties"]
+    assert entry["reason"]["enum"] == list(REASON_PRECEDENCE) == list(BlockReason)
+    assert entry["reasons"]["items"]["enum"] == list(REASON_PRECEDENCE)
 
 
 def test_spec_and_app_have_the_same_routes(collector_routes: set[tuple[str, str]]) -> None:
@@ -141,6 +149,9 @@ async def test_every_answer_matches_the_spec(
         ("POST", "/v1/consumers/carol/credits", credits, admin, grant),
         ("POST", "/v1/consumers/carol/credits", credits, {}, grant),
         ("POST", "/v1/consumers/carol/credits", credits, ingest_json, grant),
+        ("GET", "/v1/stripe/status", "/v1/stripe/status", admin, None),
+        ("GET", "/v1/stripe/status", "/v1/stripe/status", ingest, None),
+        ("GET", "/v1/stripe/status", "/v1/stripe/status", {}, None),
         ("GET", "/healthz", "/healthz", {}, None),
         ("GET", "/readyz", "/readyz", {}, None),
         ("GET", "/metrics", "/metrics", admin, None),

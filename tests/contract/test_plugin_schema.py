@@ -113,6 +113,8 @@ def test_lua_schema_matches_dump(plugin: str) -> None:
     lua_protocols = next(e["protocols"] for e in lua_schema["fields"] if "protocols" in e)
     dump_protocols = next(e["protocols"] for e in info["Schema"]["fields"] if "protocols" in e)
     assert lua_protocols == dump_protocols
+    # and the whole table: every validator, and entity checks were there any
+    assert numbers_as_floats(lua_schema) == numbers_as_floats(info["Schema"])
 
 
 @pytest.mark.parametrize("plugin", config.PLUGIN_NAMES)

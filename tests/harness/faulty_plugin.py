@@ -100,7 +100,7 @@ def _install_announcing_server(pid_file: str) -> None:
     test decides which pid Kong sees."""
     import msgpack
 
-    from token_meter_plugin import guards, server
+    from token_meter_plugin import rpc, server
 
     class OwnAnnouncementOnly:
         def __init__(self, conn: Any) -> None:
@@ -118,7 +118,7 @@ def _install_announcing_server(pid_file: str) -> None:
         def __getattr__(self, name: str) -> Any:
             return getattr(self._conn, name)
 
-    class AnnouncingRpcServer(guards.GuardedRpcServer):  # type: ignore[misc]
+    class AnnouncingRpcServer(rpc.GuardedRpcServer):  # type: ignore[misc]
         def handle(self, conn: Any, *rest: Any) -> None:
             text = Path(pid_file).read_text().strip()
             pid = int(text) if text else os.getpid()
@@ -127,7 +127,7 @@ def _install_announcing_server(pid_file: str) -> None:
 
     # `serve` builds its RPC server from these names: a subclass, not a change of the code.
     server.GuardedRpcServer = AnnouncingRpcServer  # type: ignore[misc]
-    guards.GuardedRpcServer = AnnouncingRpcServer  # type: ignore[misc]
+    rpc.GuardedRpcServer = AnnouncingRpcServer  # type: ignore[misc]
 
 
 def main() -> None:

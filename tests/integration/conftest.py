@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 
-from tests.harness.collector import REPO_ROOT, TOKEN, VENV_BIN, FakeCollector
+from tests.harness.collector import FakeCollector
 from tests.harness.kong import HarnessFactory, KongHarness
+from tests.harness.paths import REPO_ROOT, VENV_BIN
 
 
 @pytest.fixture
 def collector() -> Iterator[FakeCollector]:
-    fake = FakeCollector()
-    yield fake
-    fake.close()
+    with FakeCollector() as fake:
+        yield fake
 
 
 @pytest.fixture
@@ -25,7 +25,7 @@ def plugin_config(collector: FakeCollector, tmp_path: Path) -> dict[str, Any]:
     """A config of just the two required fields, plus a spool inside the test's directory."""
     return {
         "collector_url": collector.url,
-        "collector_token": TOKEN,
+        "collector_token": collector.token,
         "spool_dir": str(tmp_path / "spool"),
     }
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from tests.harness.collector import FAULTY_PLUGIN, REPO_ROOT
 from tests.harness.kong import (
     CLIENT_BODY_BUFFER_SIZE,
     HarnessFactory,
@@ -25,6 +24,7 @@ from tests.harness.kong import (
     RpcError,
     ScriptedRequest,
 )
+from tests.harness.paths import FAULTY_PLUGIN, REPO_ROOT
 
 BIG = os.urandom(20 * 1024)  # over client_body_buffer_size: nginx keeps it in a temp file
 SMALL = os.urandom(4 * 1024)  # fits the buffer: in memory

@@ -22,8 +22,9 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.harness.collector import FAULTY_PLUGIN, REPO_ROOT, VENV_BIN, FakeCollector
+from tests.harness.collector import FakeCollector
 from tests.harness.kong import HarnessFactory, KongHarness, RpcTimeout, ScriptedRequest
+from tests.harness.paths import FAULTY_PLUGIN, REPO_ROOT, VENV_BIN
 
 MODES = pytest.mark.parametrize("mode", [(), ("-g",)], ids=["threading", "gevent"])
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from tests.harness.collector import TOKEN, VENV_BIN, FakeCollector
+from tests.harness.collector import FakeCollector
 from tests.harness.kong import HarnessFactory, KongHarness, Outcome, ScriptedRequest
+from tests.harness.paths import VENV_BIN
 
 OPENAI_JSON = json.dumps(
     {
@@ -106,7 +107,7 @@ def test_metered_request_ships_one_event_with_its_usage(
     assert outcome.upstream_called and outcome.exit_status is None
 
     (event,) = collector.wait_for_events(1)
-    assert collector.auth_headers[0] == f"Bearer {TOKEN}"
+    assert collector.batches[0].headers["authorization"] == f"Bearer {collector.token}"
     assert event["type"] == "ai.usage"
     assert event["subject"] == "alice"
     assert event["source"].startswith("kong://")
@@ -348,11 +349,15 @@ def test_server_restarted_after_a_crash_serves_again(
     assert len({e["id"] for e in collector.events()}) == 2
 
 
+@pytest.mark.parametrize("mode", [(), ("-g",)], ids=["threading", "gevent"])
 def test_sigterm_delivers_queued_events_before_exit(
-    make_harness: HarnessFactory, collector: FakeCollector, plugin_config: dict[str, Any]
+    make_harness: HarnessFactory,
+    collector: FakeCollector,
+    plugin_config: dict[str, Any],
+    mode: tuple[str, ...],
 ) -> None:
     """Kong stops plugin servers with SIGTERM: what is queued is shipped (or spooled)."""
-    harness = make_harness("token-meter-plugin")
+    harness = make_harness("token-meter-plugin", *mode)
     config = plugin_config | {"max_coalescing_delay": 30}  # nothing would leave on its own
     for _ in range(5):
         harness.request(plain_request(), config)

@@ -162,7 +162,7 @@ def test_a_sigkilled_server_loses_no_event_it_accepted(
     server is SIGKILLed; its successor delivers every event exactly once when the collector is
     back."""
     harness = make_harness("token-meter-plugin", *mode)
-    collector.failing_status = 503
+    collector.fail_status = 503
     config = plugin_config | {"initial_retry_delay": 0.05, "max_retry_delay": 0.2}
     sent = 60
     for _ in range(sent):
@@ -171,7 +171,7 @@ def test_a_sigkilled_server_loses_no_event_it_accepted(
     old_pid = harness.pid
     harness.kill_server()
     harness.wait_for_respawn(old_pid)
-    collector.failing_status = None
+    collector.fail_status = None
     # The successor opens its journal with its first instance: one request starts it.
     harness.request(ScriptedRequest(body=b"{}", upstream_body=OPENAI_JSON), config)
     events = collector.wait_for_events(sent + 1, timeout=30)

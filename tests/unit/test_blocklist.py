@@ -1,9 +1,7 @@
-"""Blocklist: long poll with ETags, atomic swaps, staleness policy, and the blocked answer."""
+"""Blocklist: long poll with ETags, atomic swaps, staleness policy, one per process."""
 
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,21 +9,20 @@ from typing import Any
 
 import pytest
 
-from tests.fake_collector import FakeCollector, wait_until
-from token_meter_plugin import blocklist as blocklist_module
-from token_meter_plugin.blocklist import (
+from tests.harness.collector import FakeCollector, wait_until
+from token_meter_plugin.block_answer import (
     BLOCKLIST_UNAVAILABLE,
     INSUFFICIENT_CREDITS,
-    PAYMENT_OVERDUE,
     QUOTA_EXCEEDED,
+)
+from token_meter_plugin.blocklist import (
+    MAX_POLL_RETRY_DELAY,
     Blocklist,
     BlocklistSettings,
-    SettingsError,
-    block_response,
     close_all,
     get_blocklist,
-    is_anthropic_path,
 )
+from token_meter_plugin.config import TOKEN_METER, PluginConfig
 
 
 @pytest.fixture
@@ -39,8 +36,7 @@ def fast_settings(fake: FakeCollector, **overrides: Any) -> BlocklistSettings:
     values: dict[str, Any] = {
         "collector_url": fake.url,
         "collector_token": fake.token,
-        "blocklist_wait": 2,
-        "blocklist_max_stale": 5.0,
+        "blocklist_max_stale": 4.0,  # polls held 2 s
         "timeout": 2.0,
         "initial_retry_delay": 0.01,
         "max_retry_delay": 0.05,
@@ -63,16 +59,20 @@ def make_blocklist() -> Iterator[Callable[[BlocklistSettings], Blocklist]]:
         blocklist.close()
 
 
-def test_settings_reject_a_staleness_shorter_than_the_long_poll() -> None:
-    with pytest.raises(SettingsError) as raised:
-        BlocklistSettings("http://c:8787", "t", blocklist_wait=30, blocklist_max_stale=20)
-    assert "blocklist_max_stale" in str(raised.value)
-    defaults = BlocklistSettings("http://c:8787", "t")
-    assert (defaults.blocklist_wait, defaults.blocklist_max_stale, defaults.fail_open) == (
-        30,
-        60.0,
-        True,
+def test_settings_are_the_configs_with_the_long_poll_derived_from_the_staleness_bound() -> None:
+    """No rules of their own: any staleness bound works, the poll held half as long (at most
+    30 s), so a poll that sees no change renews the list before it is stale."""
+    config = PluginConfig.from_kong(
+        TOKEN_METER, {"collector_url": "http://c:8787", "collector_token": "t"}
     )
+    settings = BlocklistSettings.of(config)
+    assert settings == BlocklistSettings("http://c:8787", "t")  # defaults: the config's
+    assert (settings.blocklist_max_stale, settings.fail_open, settings.wait) == (60.0, True, 30.0)
+    assert BlocklistSettings("u", "t", blocklist_max_stale=3).wait == 1.5
+    assert BlocklistSettings("u", "t", blocklist_max_stale=600).wait == 30
+    # A failed poll is retried soon whatever the delivery backoff allows.
+    assert settings.poll_retry_cap == MAX_POLL_RETRY_DELAY < config.max_retry_delay
+    assert BlocklistSettings("u", "t", max_retry_delay=0.5).poll_retry_cap == 0.5
 
 
 def test_check_returns_the_reason_of_a_listed_consumer_only(
@@ -85,13 +85,13 @@ def test_check_returns_the_reason_of_a_listed_consumer_only(
     first = collector.polls[0]
     assert first.headers["authorization"] == f"Bearer {collector.token}"
     assert "if-none-match" not in first.headers
-    assert first.query["wait"] == ["2"]
+    assert first.query["wait"] == ["2"]  # half of blocklist_max_stale
 
 
 def test_the_long_poll_sends_the_known_version_and_sees_changes_at_once(
     collector: FakeCollector, make_blocklist: Callable[[BlocklistSettings], Blocklist]
 ) -> None:
-    blocklist = make_blocklist(fast_settings(collector, blocklist_wait=30, blocklist_max_stale=60))
+    blocklist = make_blocklist(fast_settings(collector, blocklist_max_stale=60))
     assert wait_until(lambda: blocklist.snapshot().version == 1)
     assert wait_until(lambda: len(collector.polls) == 1 and blocklist.check("broke") is not None)
     time.sleep(0.1)  # the second poll is now parked in the fake, waiting for a change
@@ -106,7 +106,7 @@ def test_the_long_poll_sends_the_known_version_and_sees_changes_at_once(
 def test_a_304_keeps_the_list_and_refreshes_its_age(
     collector: FakeCollector, make_blocklist: Callable[[BlocklistSettings], Blocklist]
 ) -> None:
-    blocklist = make_blocklist(fast_settings(collector, blocklist_wait=0, blocklist_max_stale=1))
+    blocklist = make_blocklist(fast_settings(collector, blocklist_max_stale=0.4))
     assert wait_until(lambda: any(p.status == 304 for p in collector.polls))
     first = blocklist.snapshot()
     assert wait_until(lambda: (blocklist.snapshot().refreshed_at or 0) > (first.refreshed_at or 0))
@@ -119,7 +119,7 @@ def test_a_collector_that_answers_304_at_once_is_not_hammered(
     collector: FakeCollector, make_blocklist: Callable[[BlocklistSettings], Blocklist]
 ) -> None:
     collector.honour_wait = False
-    make_blocklist(fast_settings(collector, blocklist_wait=30, blocklist_max_stale=60))
+    make_blocklist(fast_settings(collector, blocklist_max_stale=60))
     time.sleep(0.5)
     assert 1 <= len(collector.polls) <= 3
 
@@ -194,7 +194,7 @@ def test_a_stale_list(
 ) -> None:
     """Stale: fail-open keeps the last list (no one else blocked); fail-closed blocks all."""
     blocklist = make_blocklist(
-        fast_settings(collector, blocklist_wait=0, blocklist_max_stale=0.3, fail_open=fail_open)
+        fast_settings(collector, blocklist_max_stale=0.3, fail_open=fail_open)
     )
     assert wait_until(lambda: blocklist.check("broke") == INSUFFICIENT_CREDITS)
     assert blocklist.check("rich") is None
@@ -231,131 +231,3 @@ def test_get_blocklist_is_one_per_collector_and_token_and_takes_config_pushes(
     assert get_blocklist(pushed) is blocklist
     assert blocklist.settings is pushed
     assert get_blocklist(fast_settings(collector, collector_token="other")) is not blocklist
-
-
-def test_pid_change_recreates_the_blocklist_with_the_last_known_list(
-    collector: FakeCollector, clean_registry: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = fast_settings(collector)
-    first = get_blocklist(settings)
-    assert wait_until(lambda: first.check("broke") == INSUFFICIENT_CREDITS)
-    monkeypatch.setattr(blocklist_module, "_registry_pid", -1)  # as if in a forked child
-    second = get_blocklist(settings)
-    assert second is not first
-    assert second.check("broke") == INSUFFICIENT_CREDITS  # inherited until its own poll
-    first.close()
-
-
-def test_a_forked_child_polls_for_itself(collector: FakeCollector, clean_registry: None) -> None:
-    settings = fast_settings(collector)
-    parent = get_blocklist(settings)
-    assert wait_until(lambda: parent.check("broke") == INSUFFICIENT_CREDITS)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            child = get_blocklist(settings)
-            ok = (
-                child is not parent
-                and child.pid == os.getpid()
-                and wait_until(lambda: parent.check("child-only") == QUOTA_EXCEEDED, 5)
-            )
-            os.write(write_end, b"ok" if ok else b"no")
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    # The fake serves from this process: change the list here; the child must see it by itself.
-    collector.set_blocklist([{"consumer": "child-only", "reason": QUOTA_EXCEEDED}])
-    _, status = os.waitpid(pid, 0)
-    answer = os.read(read_end, 2)
-    os.close(read_end)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert answer == b"ok"
-
-
-# -- the answer to a blocked consumer ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("reason", "status", "error_type"),
-    [
-        (INSUFFICIENT_CREDITS, 402, "insufficient_quota"),
-        (QUOTA_EXCEEDED, 429, "insufficient_quota"),
-    ],
-)
-def test_block_response_is_an_openai_error_the_sdk_does_not_retry(
-    reason: str, status: int, error_type: str
-) -> None:
-    code, body, headers = block_response(reason)
-    assert code == status
-    error = json.loads(body)["error"]
-    assert error["type"] == error_type
-    assert error["code"] == reason
-    assert error["param"] is None
-    assert len(error["message"]) > 20
-    assert headers["Content-Type"] == "application/json"
-    assert headers["X-Token-Meter-Reason"] == reason
-    assert headers["x-should-retry"] == "false"
-
-
-def test_an_unavailable_blocklist_answers_503_that_may_be_retried() -> None:
-    code, body, headers = block_response(BLOCKLIST_UNAVAILABLE)
-    assert code == 503
-    error = json.loads(body)["error"]
-    assert (error["type"], error["code"]) == ("service_unavailable", BLOCKLIST_UNAVAILABLE)
-    assert headers["X-Token-Meter-Reason"] == BLOCKLIST_UNAVAILABLE
-    assert headers["x-should-retry"] == "true"
-    assert headers["Retry-After"] == "5"
-
-
-def test_an_unknown_reason_still_blocks_with_402_and_cannot_inject_headers() -> None:
-    """Contract 1: a reason the plugin does not know yet gets 402 with that code."""
-    code, body, headers = block_response("account_suspended")
-    assert code == 402
-    assert json.loads(body)["error"]["code"] == "account_suspended"
-    code, body, headers = block_response("evil\r\nSet-Cookie: x=1")
-    assert code == 402
-    assert headers["X-Token-Meter-Reason"] == "blocked"
-    assert "\n" not in json.loads(body)["error"]["message"]
-
-
-@pytest.mark.parametrize(
-    ("reason", "status", "error_type"),
-    [
-        (INSUFFICIENT_CREDITS, 402, "billing_error"),
-        (PAYMENT_OVERDUE, 402, "billing_error"),
-        (QUOTA_EXCEEDED, 429, "rate_limit_error"),
-        (BLOCKLIST_UNAVAILABLE, 503, "api_error"),
-        ("account_suspended", 402, "billing_error"),
-    ],
-)
-def test_block_response_on_an_anthropic_route_has_anthropics_error_shape(
-    reason: str, status: int, error_type: str
-) -> None:
-    code, body, headers = block_response(reason, anthropic=True)
-    assert code == status
-    document = json.loads(body)
-    assert set(document) == {"type", "error"}
-    assert document["type"] == "error"
-    assert document["error"]["type"] == error_type
-    assert len(document["error"]["message"]) > 20
-    assert headers["X-Token-Meter-Reason"] == reason
-
-
-@pytest.mark.parametrize(
-    ("path", "anthropic"),
-    [
-        ("/v1/messages", True),
-        ("/anthropic/v1/messages", True),
-        ("/v1/messages?beta=true", True),
-        ("/v1/messages/count_tokens", True),
-        ("/v1/chat/completions", False),
-        ("/v1/threads/thread_1/messages", False),
-        ("/v1/messages/batches", False),
-        (None, False),
-    ],
-)
-def test_anthropic_routes_are_told_by_their_path(path: object, anthropic: bool) -> None:
-    assert is_anthropic_path(path) is anthropic

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.fake_collector import FakeCollector, wait_until
+from tests.harness.collector import FakeCollector, wait_until
 from token_meter_plugin.delivery import DeliverySettings, Shipper
 
 # The child: a shipper with the test's settings, then commands on stdin, one JSON per line:

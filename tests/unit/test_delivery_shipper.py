@@ -1,6 +1,6 @@
 """Shipper: batching, answers and retries, the journal behind memory, bounds, restarts.
 
-Every test talks HTTP to ``tests.fake_collector.FakeCollector``; faults come from the fake (or
+Every test talks HTTP to ``tests.harness.collector.FakeCollector``; faults come from the fake (or
 from the journal's files, for corruption).
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.factories import usage_event
-from tests.fake_collector import FakeCollector, wait_until
+from tests.harness.collector import FakeCollector, wait_until
 from token_meter_plugin.config import FIELDS
 from token_meter_plugin.delivery import DeliverySettings, Shipper, get_shipper, shutdown_all
 from token_meter_plugin.delivery.journal import collector_key
@@ -44,7 +44,6 @@ def fast_settings(fake: FakeCollector, spool_dir: Path, **overrides: Any) -> Del
         "max_retry_delay": 0.05,
         "timeout": 2.0,
         "spool_dir": str(spool_dir),
-        "shutdown_timeout": 2.0,
     }
     values.update(overrides)
     return DeliverySettings(**values)
@@ -195,7 +194,7 @@ def test_events_the_handler_could_not_build_are_counted_lost_and_logged(
 def test_server_errors_and_429_are_retried_with_backoff_until_delivered(
     collector: FakeCollector, spool_dir: Path, make_shipper: MakeShipper, status: int
 ) -> None:
-    collector.fail_next, collector.fail_status_next = 3, status
+    collector.fail_next = [status] * 3
     shipper = make_shipper(fast_settings(collector, spool_dir))
     for event in events("e", 5):
         shipper.enqueue(event)

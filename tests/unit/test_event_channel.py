@@ -8,13 +8,8 @@ import time
 
 import pytest
 
-from token_meter_plugin.guards import (
-    MAX_LUA_INTEGER,
-    MSG_RET,
-    EventAbandoned,
-    EventChannel,
-    IdSequence,
-)
+from token_meter_plugin.event_channel import MSG_RET, EventAbandoned, EventChannel
+from token_meter_plugin.plugin_server import MAX_LUA_INTEGER, IdSequence
 
 
 def _queue() -> queue.Queue[object]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from token_meter_plugin.request_body import inject_stream_usage
+from token_meter_plugin.stream_options import inject_stream_usage
 
 JSON = "application/json"
 
@@ -62,12 +62,9 @@ def test_a_request_already_asking_for_usage_is_left_alone() -> None:
     assert inject_stream_usage(body(**CHAT, stream_options={"include_usage": True}), JSON) is None
 
 
-def test_an_explicit_false_is_the_clients_choice_unless_forced() -> None:
+def test_an_explicit_false_is_the_clients_choice() -> None:
     original = body(**CHAT, stream_options={"include_usage": False})
     assert inject_stream_usage(original, JSON) is None
-    forced = inject_stream_usage(original, JSON, force=True)
-    assert forced is not None
-    assert json.loads(forced)["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize("stream", [False, None, "true", 1], ids=["false", "null", "str", "int"])
@@ -100,23 +97,6 @@ def test_responses_api_request_is_left_alone() -> None:
 def test_anthropic_messages_requests_are_left_alone(anthropic: dict[str, Any]) -> None:
     """Anthropic always streams usage and rejects unknown fields."""
     assert inject_stream_usage(body(**anthropic), JSON) is None
-
-
-@pytest.mark.parametrize("path", ["/v1/messages", "/v1/responses", "/v1/embeddings"])
-def test_a_path_of_another_api_wins_over_the_body(path: str) -> None:
-    assert inject_stream_usage(body(**CHAT), JSON, path=path) is None
-
-
-@pytest.mark.parametrize(
-    "path",
-    ["/v1/chat/completions", "/openai/deployments/gpt4/chat/completions?api-version=2024-10-21"],
-)
-def test_a_chat_completions_path_wins_over_a_claude_model_name(path: str) -> None:
-    """Claude through an OpenAI-compatible endpoint is still an OpenAI-style request."""
-    fields = {**CHAT, "model": "claude-3-5-sonnet-latest"}
-    assert inject_stream_usage(body(**fields), JSON) is None
-    changed = inject_stream_usage(body(**fields), JSON, path=path)
-    assert changed is not None and json.loads(changed)["stream_options"]["include_usage"] is True
 
 
 @pytest.mark.parametrize(

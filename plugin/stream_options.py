@@ -17,9 +17,6 @@ import msgspec
 
 __all__ = ["inject_stream_usage"]
 
-_OPENAI_PATH_SUFFIXES: Final = ("/chat/completions", "/completions")
-# Endpoints whose streams report usage unasked, or that have no stream options.
-_OTHER_PATH_SUFFIXES: Final = ("/messages", "/responses", "/embeddings")
 _INCLUDE_USAGE: Final = b',"stream_options":{"include_usage":true}'
 _WHITESPACE: Final = b" \t\r\n"
 
@@ -45,18 +42,16 @@ _ANY_DECODER: Final = msgspec.json.Decoder()
 _ENCODER: Final = msgspec.json.Encoder()
 
 
-def inject_stream_usage(
-    body: bytes, content_type: str | None, *, path: str | None = None, force: bool = False
-) -> bytes | None:
+def inject_stream_usage(body: bytes, content_type: str | None) -> bytes | None:
     """Return ``body`` with ``stream_options.include_usage = true`` added, or None to keep it.
 
     Changes only a JSON request with ``"stream": true`` for Chat Completions or Completions
     that does not already ask for usage; other ``stream_options`` are kept. An explicit
-    ``include_usage: false`` is the client's choice and is kept unless ``force`` is set.
-    ``path`` (the upstream request path, when known) settles which API the body is for;
-    without it the body's keys decide, and anything that looks like Anthropic's Messages API
-    (its own keys, or a ``claude`` model) is left alone, since Anthropic rejects the field.
-    Never raises on malformed input: it returns None.
+    ``include_usage: false`` is the client's choice and is kept. The body's keys tell which API
+    it is for (the access phase does not fetch the path: a round trip per request), and
+    anything that looks like Anthropic's Messages API (its own keys, or a ``claude`` model) is
+    left alone, since Anthropic rejects the field. Never raises on malformed input: it returns
+    None.
     """
     if not _is_json_type(content_type, body):
         return None
@@ -64,7 +59,7 @@ def inject_stream_usage(
         request = _REQUEST_DECODER.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
-    if request.stream is not True or not _is_openai_streaming(request, path):
+    if request.stream is not True or not _is_openai_streaming(request):
         return None
     if not request.stream_options:
         return _splice(body)
@@ -76,8 +71,7 @@ def inject_stream_usage(
         options = {}
     elif not isinstance(options, dict):
         return None
-    current = options.get("include_usage")
-    if current is True or (current is not None and not force):
+    if options.get("include_usage") is not None:
         return None
     return _rewrite(body, options)
 
@@ -89,13 +83,7 @@ def _is_json_type(content_type: str | None, body: bytes) -> bool:
     return media_type == "application/json" or media_type.endswith("+json")
 
 
-def _is_openai_streaming(request: _Request, path: str | None) -> bool:
-    if path is not None:
-        route = path.split("?", 1)[0].rstrip("/")
-        if route.endswith(_OPENAI_PATH_SUFFIXES):
-            return bool(request.messages or request.prompt)
-        if route.endswith(_OTHER_PATH_SUFFIXES):
-            return False
+def _is_openai_streaming(request: _Request) -> bool:
     if not (request.messages or request.prompt):
         return False  # Responses API (input), or not a generation request at all
     if (
