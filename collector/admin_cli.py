@@ -33,15 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from .blocklist.reasons import BlockReason
+from .cli_output import AdminError, fields, table
 from .settings import default_data_dir
 
 DEFAULT_URL = "http://127.0.0.1:8787"
 TIMEOUT = 30.0
 MICROS = Decimal(1_000_000)
-
-
-class AdminError(Exception):
-    """Shown to the operator as one line; exit status 2."""
 
 
 def read_token(env: Mapping[str, str], kind: str) -> str:
@@ -124,34 +121,6 @@ def parse_amount(text: str) -> int:
     if not value.is_finite() or micros != micros.to_integral_value() or micros <= 0:
         raise AdminError("amount must be positive, with at most 6 decimals")
     return int(micros)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(h) for h in headers], *[["-" if c is None else str(c) for c in r] for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    numeric = [
-        all(_is_number(row[i]) for row in cells[1:]) and len(cells) > 1 for i in range(len(headers))
-    ]
-    lines = []
-    for n, row in enumerate(cells):
-        lines.append(
-            "  ".join(
-                cell.rjust(widths[i]) if numeric[i] else cell.ljust(widths[i])
-                for i, cell in enumerate(row)
-            ).rstrip()
-        )
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _is_number(text: str) -> bool:
-    return text.replace(",", "").replace(".", "").lstrip("-").isdigit() or text == "-"
-
-
-def fields(pairs: Sequence[tuple[str, object]]) -> str:
-    width = max(len(k) for k, _ in pairs)
-    return "\n".join(f"{k.ljust(width)}  {'-' if v is None else v}" for k, v in pairs)
 
 
 def _n(value: int | None) -> str:

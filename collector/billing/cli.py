@@ -9,7 +9,7 @@ from typing import Any
 
 import stripe
 
-from ..admin_cli import AdminError, fields, table
+from ..cli_output import AdminError, fields, table
 from .meters import parse_meters
 from .setup import ensure_meters
 from .stripe_api import StripeApi

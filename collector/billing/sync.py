@@ -97,7 +97,10 @@ class StripeSync:
         )
         self.clock = clock
         self.name = name or f"{socket.gethostname()}:{id(self):x}"
-        self.limiter = AsyncLimiter(settings.max_rate(self.api.test_mode), 1)
+        # One call per 1/rate seconds, never a burst: Stripe counts calls in fixed one-second
+        # windows, and a bucket that lets `rate` calls burst would put up to twice the rate into
+        # one window.
+        self.limiter = AsyncLimiter(1, 1 / settings.max_rate(self.api.test_mode))
         self.meters: dict[str, StripeMeter] = {}
         self._meters_checked = -float("inf")
         self._task: asyncio.Task[None] | None = None
