@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck bench bench-ingest bench-enforcement bench-plugin bench-parse clean install
+.PHONY: run test lint typecheck bench bench-ingest bench-enforcement bench-plugin bench-parse bench-stripe clean install
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ typecheck: $(STAMP)
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: bench-ingest bench-enforcement bench-plugin bench-parse
+bench: bench-ingest bench-enforcement bench-plugin bench-parse bench-stripe
 
 bench-ingest: $(STAMP)
 	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
@@ -44,3 +44,6 @@ bench-parse: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache
+
+bench-stripe: $(STAMP)
+	$(BIN)/python -m bench.stripe $(BENCH_ARGS)

@@ -106,6 +106,7 @@ async def collector_stack(args: argparse.Namespace, names: tuple[str, ...]) -> A
             url = with_database(admin_url, db_name)
         ingest_token, admin_token = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         tokens = {"TOKEN_METER_INGEST_TOKEN": ingest_token, "TOKEN_METER_ADMIN_TOKEN": admin_token}
+        tokens.update(getattr(args, "extra_env", {}))  # more environment for the collectors
         for name in names:
             collectors.append(await asyncio.to_thread(start_collector, url, tmp, name, tokens))
         conn = await asyncpg.connect(url)

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .app import create_app
 from .database import EmbeddedPostgres
+from .ingest.service import tune_garbage_collection
 from .observability import configure_logging
 from .settings import Settings, SettingsError
 
@@ -69,15 +70,18 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         data_dir=str(settings.data_dir),
         database="embedded" if embedded else "external",
+        tls=settings.tls_cert_file is not None,
         ingest_token=str(settings.ingest_token),
         admin_token=str(settings.admin_token),
     )
+    tune_garbage_collection()
     try:
         web.run_app(
             create_app(settings),
             host=settings.host,
             port=settings.port,
             shutdown_timeout=settings.shutdown_timeout,
+            ssl_context=settings.server_ssl_context(),
             access_log=None,
             print=lambda message: log.info("collector_listening", url=_url(settings)),
             handle_signals=True,
@@ -89,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _url(settings: Settings) -> str:
-    return f"http://{settings.host}:{settings.port}"
+    scheme = "https" if settings.tls_cert_file is not None else "http"
+    return f"{scheme}://{settings.host}:{settings.port}"
 
 
 if __name__ == "__main__":

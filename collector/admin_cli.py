@@ -7,6 +7,8 @@
     token-meter-admin blocklist                         who is blocked, and why
     token-meter-admin stripe setup                      find or create the Stripe meters
     token-meter-admin stripe status                     what the Stripe sync sent and holds
+    token-meter-admin stripe reconcile [--from T] [--to T] [--settle S] [--resend]
+                                                        the outbox against Stripe, per day
 
 The collector is TOKEN_METER_URL (default http://127.0.0.1:8787). The admin token comes from
 TOKEN_METER_ADMIN_TOKEN or TOKEN_METER_ADMIN_TOKEN_FILE, else from the `admin-token` file the
@@ -16,7 +18,8 @@ Tokens are never taken from the command line, where the process list would show 
 `stripe setup` talks to Stripe itself, with STRIPE_API_KEY (or STRIPE_API_KEY_FILE),
 STRIPE_API_BASE and TOKEN_METER_STRIPE_METERS as the collector reads them.
 
-Exit status: 0 done, 2 on a usage or connection error, or an answer refusing the request."""
+Exit status: 0 done, 2 on a usage or connection error, or an answer refusing the request;
+`stripe reconcile` exits 1 when it finds a difference (with `--resend`: one not repaired)."""
 
 from __future__ import annotations
 
@@ -67,7 +70,13 @@ class Client:
         self.env = env
 
     def call(
-        self, method: str, path: str, *, body: object = None, kind: str = "admin"
+        self,
+        method: str,
+        path: str,
+        *,
+        body: object = None,
+        kind: str = "admin",
+        timeout: float = TIMEOUT,
     ) -> tuple[Any, Mapping[str, str]]:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(  # noqa: S310 - the operator's own collector URL
@@ -81,7 +90,7 @@ class Client:
             },
         )
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
                 return json.loads(response.read() or b"null"), dict(response.headers)
         except urllib.error.HTTPError as exc:
             raise AdminError(_problem_line(exc)) from None
@@ -198,6 +207,8 @@ def show_blocklist(snapshot: Mapping[str, Any]) -> str:
         detail = e.get("detail") or {}
         if e["reason"] == BlockReason.INSUFFICIENT_CREDITS:
             why = f"balance {money(detail.get('balance_micros'))}"
+        elif e["reason"] == BlockReason.PAYMENT_OVERDUE:
+            why = f"Stripe invoice {detail.get('invoice', '-')} unpaid"
         else:
             why = (
                 f"{_n(detail.get('used_tokens'))} of {_n(detail.get('monthly_token_quota'))}"
@@ -230,7 +241,9 @@ def _parser() -> argparse.ArgumentParser:
     usage = commands.add_parser("usage", help="this month's usage, balance and quota")
     usage.add_argument("consumer")
     commands.add_parser("blocklist", help="the consumers the gateways stop")
-    stripe_parser = commands.add_parser("stripe", help="Stripe billing: setup and status")
+    stripe_parser = commands.add_parser(
+        "stripe", help="Stripe billing: setup, status and reconcile"
+    )
     stripe_verbs = stripe_parser.add_subparsers(dest="stripe_command", required=True)
     for verb, text in (
         ("setup", "find or create the meters of TOKEN_METER_STRIPE_METERS at Stripe"),
@@ -240,11 +253,38 @@ def _parser() -> argparse.ArgumentParser:
         stripe_verbs.add_parser(verb, help=text).add_argument(
             "--json", action="store_true", dest="sub_json", help="print JSON"
         )
+    reconcile = stripe_verbs.add_parser(
+        "reconcile",
+        help="the outbox's totals per customer, meter and UTC day against Stripe's summaries",
+        epilog="Exit status 0 when they agree, 1 on a difference, 2 on a usage or connection "
+        "error. See docs/billing.md, Reconcile.",
+    )
+    reconcile.add_argument(
+        "--from",
+        dest="start",
+        metavar="T",
+        help="a date or RFC 3339 time, inclusive (default: the start of the UTC month)",
+    )
+    reconcile.add_argument(
+        "--to", dest="end", metavar="T", help="exclusive (default: now minus --settle)"
+    )
+    reconcile.add_argument(
+        "--settle",
+        type=float,
+        metavar="SECONDS",
+        help="how long Stripe's summaries may lag behind what it took (default 3600)",
+    )
+    reconcile.add_argument(
+        "--resend", action="store_true", help="send again what Stripe provably lacks"
+    )
+    reconcile.add_argument("--json", action="store_true", dest="sub_json", help="print JSON")
     return parser
 
 
-def run(argv: Sequence[str] | None, env: Mapping[str, str]) -> str:
+def run(argv: Sequence[str] | None, env: Mapping[str, str]) -> tuple[str, int]:
+    """What to print, and the exit status."""
     args = _parser().parse_args(argv)
+    status = 0
     client = Client(args.url or env.get("TOKEN_METER_URL") or DEFAULT_URL, env)
     consumer = urllib.parse.quote(getattr(args, "consumer", ""), safe="")
     answer: Any
@@ -278,6 +318,11 @@ def run(argv: Sequence[str] | None, env: Mapping[str, str]) -> str:
         if args.stripe_command == "setup":
             answer = stripe_cli.stripe_setup(env)
             text = stripe_cli.show_setup(answer)
+        elif args.stripe_command == "reconcile":
+            answer, status = stripe_cli.stripe_reconcile(
+                client, args.start, args.end, args.settle, resend=args.resend
+            )
+            text = stripe_cli.show_reconcile(answer)
         else:
             answer, _ = client.call("GET", "/v1/stripe/status")
             text = stripe_cli.show_stripe_status(answer)
@@ -285,15 +330,18 @@ def run(argv: Sequence[str] | None, env: Mapping[str, str]) -> str:
         answer, _ = client.call("GET", "/v1/blocklist", kind="ingest")
         text = show_blocklist(answer)
     as_json = args.json or getattr(args, "sub_json", False)
-    return json.dumps(answer, indent=2) if as_json else text
+    return (json.dumps(answer, indent=2) if as_json else text), status
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     try:
-        print(run(argv, os.environ))
+        text, status = run(argv, os.environ)
     except AdminError as exc:
         print(f"token-meter-admin: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    print(text)
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":

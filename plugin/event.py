@@ -131,7 +131,9 @@ def _require_string(name: str, value: object, limit: int) -> None:
 def _fit(value: str | None) -> str | None:
     if value is None:
         return None
-    return value[:_MAX_OPTIONAL_STRING]
+    # U+0000 (a model name from an upstream's body may hold one) is what the collector's
+    # database cannot store: it would refuse the event, and its usage would be lost.
+    return value[:_MAX_OPTIONAL_STRING].replace("\x00", "\ufffd")
 
 
 def _is_status(value: object) -> bool:

@@ -57,7 +57,9 @@ def inject_stream_usage(body: bytes, content_type: str | None) -> bytes | None:
         return None
     try:
         request = _REQUEST_DECODER.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        # Beyond msgspec's own errors (ValidationError is one): its bound on nesting, about
+        # 1,000 levels (skipped ones too), and a string that is not UTF-8.
         return None
     if request.stream is not True or not _is_openai_streaming(request):
         return None
@@ -106,9 +108,12 @@ def _splice(body: bytes) -> bytes | None:
 
 
 def _rewrite(body: bytes, options: dict[str, Any]) -> bytes | None:
-    document = _ANY_DECODER.decode(body)
-    if not isinstance(document, dict):  # pragma: no cover - decoded as an object above
+    try:
+        document = _ANY_DECODER.decode(body)
+        if not isinstance(document, dict):  # pragma: no cover - decoded as an object above
+            return None
+        options["include_usage"] = True
+        document["stream_options"] = options
+        return _ENCODER.encode(document)
+    except RecursionError:  # pragma: no cover - nested just to the bound, a call deeper here
         return None
-    options["include_usage"] = True
-    document["stream_options"] = options
-    return _ENCODER.encode(document)

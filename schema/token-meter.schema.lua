@@ -1,11 +1,15 @@
 -- Generated from plugin/config.py by `python -m token_meter_plugin.config`: do not edit.
 -- The same table is what the plugin server prints for Kong's query (-dump).
-local typedefs = require "kong.db.schema.typedefs"
-
 return {
   name = "token-meter",
   fields = {
-    { protocols = typedefs.protocols_http },
+    { protocols = {
+        type = "set",
+        required = true,
+        default = { "grpc", "grpcs", "http", "https" },
+        elements = { type = "string", one_of = { "grpc", "grpcs", "http", "https" } },
+        description = "A set of strings representing HTTP protocols.",
+      } },
     { config = {
         type = "record",
         fields = {
@@ -51,6 +55,16 @@ return {
               referenceable = true,
               encrypted = true,
               description = "The collector's ingest token, sent as `Authorization: Bearer <token>`: printable ASCII without spaces. Referenceable: use a Kong vault reference such as `{vault://env/token-meter-ingest-token}`.",
+            } },
+          { collector_ca_bundle = {
+              type = "string",
+              match_all = {
+                {
+                  pattern = "^/[^%c]*$",
+                  err = "expected an absolute path without control characters",
+                },
+              },
+              description = "Absolute path of a PEM file of the certificate authorities that an `https://` `collector_url` is verified against, on the plugin server's host. Unset: the system's certificate authorities. The collector's certificate must name the URL's host.",
             } },
           { consumer_identifier = {
               type = "string",

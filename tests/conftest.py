@@ -1,15 +1,18 @@
 """Shared fixtures: a real PostgreSQL server (embedded by default, TEST_DATABASE_URL to use
 another), a fresh migrated database per test, and the collector, in-process or as the real
-`token-meter-collector` process."""
+`token-meter-collector` process. Every token and key they make is registered with the
+session's secret scan (tests/secret_scan.py), which fails the run if any log line holds one."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,12 +30,57 @@ import pytest_asyncio
 from aiohttp import web
 
 from bench.stack import free_port, with_database
+from tests.harness.collector import TOKEN as FAKE_COLLECTOR_TOKEN
+from tests.secret_scan import SecretScan
 from token_meter_collector.app import create_app
 from token_meter_collector.database import EmbeddedPostgres, create_pool, migrate
 from token_meter_collector.settings import Settings
 
 TEMPLATE_DB = "token_meter_test_template"
 VENV_BIN = Path(sys.executable).parent
+
+SECRETS = SecretScan()
+SECRETS.register(FAKE_COLLECTOR_TOKEN)
+# Environment variables that hold a secret (their _FILE forms hold a path to one).
+SECRET_VARIABLE = re.compile(r"(TOKEN|API_KEY|SECRET)$")
+
+
+def register_secrets(settings: Settings) -> Settings:
+    """Put every secret of `settings` on the session's scan; returns `settings`."""
+    for secret in (settings.ingest_token, settings.admin_token, settings.stripe_webhook_secret):
+        if secret is not None:
+            SECRETS.register(secret.value, *secret.value.split(","))
+    if settings.stripe is not None:
+        SECRETS.register(settings.stripe.api_key.value)
+    return settings
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Keep what each phase printed and logged (a phase's report repeats the earlier ones')."""
+    for title, text in report.sections:
+        if title.startswith("Captured ") and title.endswith(f" {report.when}"):
+            SECRETS.keep(text, f"{report.nodeid}: {title}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _log_files_kept(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """At the end, the log files of the session's processes, all under its temporary root."""
+    yield
+    SECRETS.keep_files(sorted(tmp_path_factory.getbasetemp().rglob("*.log")))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    leaks = SECRETS.leaks()
+    if not leaks:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = ["secrets found in the logs (tests/secret_scan.py):", *leaks]
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(line, red=True)
+        else:
+            print(line, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +153,7 @@ def make_settings(database_url: str | None, data_dir: Path, **overrides: str) ->
         **({"DATABASE_URL": database_url} if database_url else {}),
         **overrides,
     }
-    return Settings.from_env(env)
+    return register_secrets(Settings.from_env(env))
 
 
 @dataclass
@@ -153,18 +201,25 @@ async def _body(response: aiohttp.ClientResponse) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def run_collector_app(settings: Settings) -> AsyncIterator[RunningCollector]:
+async def run_collector_app(
+    settings: Settings, client_ssl: ssl.SSLContext | None = None
+) -> AsyncIterator[RunningCollector]:
+    """The app on 127.0.0.1, over HTTPS when `settings` has TLS files (the session's client
+    then trusts `client_ssl`)."""
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    server_ssl = settings.server_ssl_context()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_ssl)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     assert settings.ingest_token and settings.admin_token
-    async with aiohttp.ClientSession() as session:
+    scheme = "https" if server_ssl is not None else "http"
+    connector = aiohttp.TCPConnector(ssl=client_ssl) if client_ssl is not None else None
+    async with aiohttp.ClientSession(connector=connector) as session:
         try:
             yield RunningCollector(
-                base_url=f"http://127.0.0.1:{port}",
+                base_url=f"{scheme}://127.0.0.1:{port}",
                 ingest_token=settings.ingest_token.value,
                 admin_token=settings.admin_token.value,
                 session=session,
@@ -244,6 +299,11 @@ def collector_process_factory(tmp_path: Path) -> Iterator[Any]:
             **({"DATABASE_URL": database_url} if database_url else {}),
             **env,
         }
+        for name, value in full_env.items():
+            if SECRET_VARIABLE.search(name):
+                SECRETS.register(value, *value.split(","))
+            elif SECRET_VARIABLE.search(name.removesuffix("_FILE")) and Path(value).is_file():
+                SECRETS.register(Path(value).read_text())
         proc = CollectorProcess(full_env, port, tmp_path / f"collector-{len(made)}.log")
         made.append(proc)
         return proc
@@ -252,3 +312,7 @@ def collector_process_factory(tmp_path: Path) -> Iterator[Any]:
     for proc in made:
         if proc.process is not None:
             proc.stop()
+        data_dir = Path(proc.env["TOKEN_METER_DATA_DIR"])
+        for generated in (data_dir / "ingest-token", data_dir / "admin-token"):
+            if generated.is_file():
+                SECRETS.register(generated.read_text())

@@ -20,6 +20,8 @@ def _consumer(request: web.Request) -> str:
     consumer = request.match_info["consumer"]
     if not 1 <= len(consumer) <= MAX_CONSUMER_LENGTH:
         raise bad_request(f"a consumer is 1 to {MAX_CONSUMER_LENGTH} characters long")
+    if "\x00" in consumer:  # PostgreSQL text cannot hold U+0000
+        raise bad_request("a consumer has no U+0000 character")
     return consumer
 
 
@@ -32,15 +34,25 @@ async def _decode(request: web.Request, kind: type[T]) -> T:
             "Unsupported media type",
             f"send application/json, not {request.content_type or 'nothing'}",
         )
+    too_large = Problem(
+        413, "payload-too-large", "Payload too large", f"at most {MAX_BODY_BYTES} bytes"
+    )
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise Problem(413, "payload-too-large", "Payload too large", "the body is too large")
-    body = await request.read()
+        raise too_large
+    # A chunked body declares no length: it is read up to the bound, not up to client_max_size.
+    body = await request.content.read(MAX_BODY_BYTES + 1)
+    while len(body) <= MAX_BODY_BYTES and not request.content.at_eof():
+        body += await request.content.read(MAX_BODY_BYTES + 1 - len(body))
+    if len(body) > MAX_BODY_BYTES:
+        raise too_large
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
         raise bad_request(str(exc), slug="invalid-body") from exc
     except msgspec.DecodeError as exc:
         raise bad_request(f"the body is not valid JSON: {exc}", slug="malformed-body") from exc
+    except UnicodeDecodeError:  # msgspec's error for a string that is not UTF-8
+        raise bad_request("the body is not valid UTF-8", slug="malformed-body") from None
 
 
 def _json(body: object, status: int, headers: dict[str, str] | None = None) -> web.Response:

@@ -14,6 +14,9 @@ from .rules import micros_down
 MAX_MICROS = 10**15  # a billion currency units: far above any grant, far below bigint nanos
 MAX_TOKENS_QUOTA = 2**62
 MAX_CONSUMER_LENGTH = 256  # as the event's subject
+# PostgreSQL text cannot hold U+0000: a string with one is refused here, not failed at the
+# database as a 500.
+STORABLE = "^[^\x00]*$"
 
 # Columns an admin may set, in the order they are written.
 ACCOUNT_FIELDS = (
@@ -29,8 +32,10 @@ class AccountUpdate(msgspec.Struct, forbid_unknown_fields=True):
     """PUT /v1/consumers/{consumer}: fields not given stay as they are; a null quota removes it."""
 
     monthly_token_quota: Annotated[int, Meta(ge=0, le=MAX_TOKENS_QUOTA)] | UnsetType | None = UNSET
-    stripe_customer_id: Annotated[str, Meta(min_length=1, max_length=255)] | UnsetType = UNSET
-    plan: Annotated[str, Meta(max_length=255)] | UnsetType = UNSET
+    stripe_customer_id: (
+        Annotated[str, Meta(min_length=1, max_length=255, pattern=STORABLE)] | UnsetType
+    ) = UNSET
+    plan: Annotated[str, Meta(max_length=255, pattern=STORABLE)] | UnsetType = UNSET
     overdraft_micros: Annotated[int, Meta(ge=0, le=MAX_MICROS)] | UnsetType = UNSET
     low_balance_micros: Annotated[int, Meta(ge=-MAX_MICROS, le=MAX_MICROS)] | UnsetType = UNSET
 
@@ -42,7 +47,7 @@ class AccountUpdate(msgspec.Struct, forbid_unknown_fields=True):
 
 class CreditGrantRequest(msgspec.Struct, forbid_unknown_fields=True):
     amount_micros: Annotated[int, Meta(gt=0, le=MAX_MICROS)]
-    idempotency_key: Annotated[str, Meta(min_length=1, max_length=255)]
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=255, pattern=STORABLE)]
 
 
 @dataclass(frozen=True, slots=True)

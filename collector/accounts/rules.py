@@ -10,6 +10,12 @@ from ..blocklist.reasons import BlockReason
 
 NANOS_PER_MICRO = 1000
 
+# The reasons these rules decide. Others on the blocklist (payment_overdue, put there and taken
+# off by Stripe's invoice webhooks) are not theirs: an evaluation never lifts them.
+ACCOUNT_REASONS: frozenset[BlockReason] = frozenset(
+    {BlockReason.INSUFFICIENT_CREDITS, BlockReason.QUOTA_EXCEEDED}
+)
+
 
 def micros_down(nanos: int) -> int:
     """Nano-units shown as micro-units, rounded down (floor, also below zero)."""
@@ -32,9 +38,9 @@ class ConsumerState:
 
 
 def wanted_blocks(state: ConsumerState, period_end: datetime) -> dict[BlockReason, dict[str, Any]]:
-    """The reasons the consumer must be blocked for, each with the detail shown to plugins.
-    A prepaid consumer is blocked once its balance plus overdraft is at or under zero; a quota
-    is used up once the month's total tokens reach it."""
+    """The reasons (of ACCOUNT_REASONS) the consumer must be blocked for, each with the detail
+    shown to plugins. A prepaid consumer is blocked once its balance plus overdraft is at or
+    under zero; a quota is used up once the month's total tokens reach it."""
     reasons: dict[BlockReason, dict[str, Any]] = {}
     if state.prepaid:
         balance = state.balance_nanos or 0

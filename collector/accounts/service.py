@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import structlog
@@ -23,7 +24,7 @@ from ..observability import Metrics
 from ..usage.store import month_bounds
 from . import store
 from .model import Account, AccountUpdate, CreditGrant, GrantConflict
-from .rules import NANOS_PER_MICRO, is_low_balance, micros_down, wanted_blocks
+from .rules import ACCOUNT_REASONS, NANOS_PER_MICRO, is_low_balance, micros_down, wanted_blocks
 
 log = structlog.get_logger("token_meter.accounts")
 
@@ -36,6 +37,18 @@ SWEEP_LOCK_ID = 0x746D2D7377656570  # "tm-sweep"
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+def log_grant(grant: CreditGrant, source: str) -> None:
+    """The log line of a new grant, once its transaction has committed."""
+    log.info(
+        "credit_granted",
+        consumer=grant.consumer,
+        amount_micros=micros_down(grant.amount_nanos),
+        balance_micros=micros_down(grant.balance_after_nanos),
+        idempotency_key=grant.idempotency_key,
+        source=source,
+    )
 
 
 class AccountService:
@@ -58,12 +71,21 @@ class AccountService:
     async def update_account(self, consumer: str, update: AccountUpdate) -> tuple[Account, bool]:
         """Apply the given fields; (account, created)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            created = await store.lock_consumer(conn, consumer)
-            await store.update_account(conn, consumer, update.changes())
-            await self.enforce(conn, [consumer])
-            account = await store.read_account(conn, consumer)
-        assert account is not None
+            account, created = await self.apply_changes(conn, consumer, update.changes())
         log.info("account_updated", consumer=consumer, created=created, **update.changes())
+        return account, created
+
+    async def apply_changes(
+        self, conn: asyncpg.Connection, consumer: str, changes: Mapping[str, Any]
+    ) -> tuple[Account, bool]:
+        """`update_account` inside the caller's transaction (Stripe webhooks apply a plan and
+        quota with the record of their event): `changes` maps ACCOUNT_FIELDS names to values
+        (None clears a field). (account, created); nothing is logged."""
+        created = await store.lock_consumer(conn, consumer)
+        await store.update_account(conn, consumer, dict(changes))
+        await self.enforce(conn, [consumer])
+        account = await store.read_account(conn, consumer)
+        assert account is not None
         return account, created
 
     async def grant(
@@ -71,25 +93,34 @@ class AccountService:
     ) -> CreditGrant:
         """Grant prepaid credit once per (consumer, key). The same key again returns the first
         grant; with another amount it raises GrantConflict and changes nothing."""
-        amount_nanos = amount_micros * NANOS_PER_MICRO
         async with self.pool.acquire() as conn, conn.transaction():
-            # The consumer's lock serializes grants with the same key, and with burns.
-            await store.lock_consumer(conn, consumer)
-            first = await store.find_grant(conn, consumer, key)
-            if first is not None:
-                if first.amount_nanos != amount_nanos:
-                    raise GrantConflict(first)  # rolls back: a consumer just created goes too
-                return first
-            grant = await store.record_grant(conn, consumer, amount_nanos, key, source)
-            await self.enforce(conn, [consumer])
-        log.info(
-            "credit_granted",
-            consumer=consumer,
-            amount_micros=amount_micros,
-            balance_micros=micros_down(grant.balance_after_nanos),
-            idempotency_key=key,
-            source=source,
-        )
+            grant = await self.apply_grant(conn, consumer, amount_micros, key, source=source)
+        if not grant.replayed:
+            log_grant(grant, source)
+        return grant
+
+    async def apply_grant(
+        self,
+        conn: asyncpg.Connection,
+        consumer: str,
+        amount_micros: int,
+        key: str,
+        *,
+        source: str = "admin",
+    ) -> CreditGrant:
+        """`grant` inside the caller's transaction; nothing is logged (see `log_grant`).
+        GrantConflict is raised before any grant is written, so the caller's transaction may go
+        on (a consumer row this created stays unless it rolls back)."""
+        amount_nanos = amount_micros * NANOS_PER_MICRO
+        # The consumer's lock serializes grants with the same key, and with burns.
+        await store.lock_consumer(conn, consumer)
+        first = await store.find_grant(conn, consumer, key)
+        if first is not None:
+            if first.amount_nanos != amount_nanos:
+                raise GrantConflict(first)
+            return first
+        grant = await store.record_grant(conn, consumer, amount_nanos, key, source)
+        await self.enforce(conn, [consumer])
         return grant
 
     async def account(self, consumer: str) -> Account | None:
@@ -131,7 +162,9 @@ class AccountService:
             to_block.extend(
                 (state.consumer, r, d) for r, d in wanted.items() if r not in state.blocked
             )
-            to_unblock.extend((state.consumer, r) for r in sorted(state.blocked - wanted.keys()))
+            # Only the rules' own reasons are lifted: payment_overdue belongs to billing.
+            owned = state.blocked & ACCOUNT_REASONS
+            to_unblock.extend((state.consumer, r) for r in sorted(owned - wanted.keys()))
             low = is_low_balance(state)
             if low != state.low_balance_flag and state.balance_nanos is not None:
                 low_flags.append((state.consumer, low))

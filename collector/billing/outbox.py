@@ -15,6 +15,7 @@ row, by any collector, is the same meter event to Stripe.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -81,6 +82,20 @@ def identifier(consumer: str, event_name: str, window_start: datetime, seq: int)
     epoch = int(window_start.timestamp())
     digest = hashlib.sha256(f"{consumer}\0{event_name}\0{epoch}\0{seq}".encode()).hexdigest()
     return f"{IDENTIFIER_PREFIX}-{epoch}-{seq}-{digest[:32]}"
+
+
+_RESEND = re.compile(r"-r([0-9]+)$")
+
+
+def next_identifier(current: str) -> str:
+    """The identifier a delta is sent under again once Stripe reported it dropped: `-r1`, then
+    `-r2`..., appended to the delta's own (hex digests never end so). A new one because Stripe
+    may keep a dropped event's identifier for its 24-hour dedupe, which would drop the re-send
+    as a duplicate; deterministic so that every collector derives the same."""
+    found = _RESEND.search(current)
+    if found is None:
+        return f"{current}-r1"
+    return f"{current[: found.start()]}-r{int(found.group(1)) + 1}"
 
 
 def plan(

@@ -5,7 +5,9 @@ STRIPE_API_KEY / STRIPE_API_KEY_FILE  enables billing; sk_test_ keys are held to
 STRIPE_API_BASE                       both SDK base addresses (`api`, `meter_events`)
 TOKEN_METER_STRIPE_METERS             event_name=field pairs (see `meters.py`)
 TOKEN_METER_STRIPE_SYNC_INTERVAL      seconds between sync cycles (default 60)
-TOKEN_METER_STRIPE_TRANSPORT          meter_events (v1, the default and, for now, the only one)
+TOKEN_METER_STRIPE_TRANSPORT          meter_events (v1, one event a call, validated at once; the
+                                      default) or meter_event_stream (v2, 100 events a call on
+                                      session tokens, validated later: see `stream.py`)
 TOKEN_METER_STRIPE_MAX_RATE           calls per second (default 25 in test mode, 1000 live)
 TOKEN_METER_STRIPE_TIMEOUT            seconds per Stripe call (default 20)
 """
@@ -21,7 +23,7 @@ from .meters import Meter, parse_meters
 if TYPE_CHECKING:
     from ..settings import Secret
 
-TRANSPORTS: Final = ("meter_events",)
+TRANSPORTS: Final = ("meter_events", "meter_event_stream")
 TEST_MODE_RATE: Final = 25.0  # Stripe's limit on meter events in test mode, per second
 LIVE_RATE: Final = 1000.0  # and in live mode
 
@@ -56,12 +58,7 @@ def read_stripe_settings(
     meters, meter_problems = parse_meters(text("TOKEN_METER_STRIPE_METERS"))
     problems.extend(meter_problems)
     transport = (text("TOKEN_METER_STRIPE_TRANSPORT") or "meter_events").lower()
-    if transport == "meter_event_stream":
-        problems.append(
-            "TOKEN_METER_STRIPE_TRANSPORT=meter_event_stream (the v2 stream) is not built yet; "
-            "use meter_events"
-        )
-    elif transport not in TRANSPORTS:
+    if transport not in TRANSPORTS:
         problems.append(f"TOKEN_METER_STRIPE_TRANSPORT must be one of {', '.join(TRANSPORTS)}")
     interval = number("TOKEN_METER_STRIPE_SYNC_INTERVAL", 60.0, 0.05, 86400.0)
     rate = text("TOKEN_METER_STRIPE_MAX_RATE")

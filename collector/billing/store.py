@@ -1,4 +1,4 @@
-"""The billing tables (migration 0003): every read and write of them is here."""
+"""The billing tables (migrations 0003 and 0005): every read and write of them is here."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import asyncpg
 
 from .meters import FIELDS, Meter
 from .outbox import Coverage, Plan, Totals, TotalsKey, WindowKey, WindowUsage, plan
+from .reconcile import LocalDay, SentRow
 
 # Where a query runs: the leader's connection, or the pool for the sends' bookkeeping.
 Executor: TypeAlias = asyncpg.Connection | asyncpg.Pool
@@ -225,25 +226,162 @@ async def pending(
 
 
 async def mark_sent(conn: Executor, row: PendingRow, answer: str) -> None:
+    await mark_rows_sent(conn, [row], answer)
+
+
+async def mark_retry(conn: Executor, row: PendingRow, error: str, delay: timedelta) -> None:
+    await mark_rows_retry(conn, [row], error, delay)
+
+
+# The rows of one Stripe call (one for v1, up to 100 on the stream), by primary key and the
+# identifier they were sent under: a row an error report renamed meanwhile (error_reports.py)
+# is not taken for delivered by the answer to its old identifier.
+_ROWS_SQL = """unnest($1::text[], $2::text[], $3::timestamptz[], $4::int4[], $5::text[],
+                   $6::text[])
+            AS t(consumer, event_name, window_start, seq, identifier, customer)"""
+_ROWS_MATCH = """o.consumer = t.consumer AND o.event_name = t.event_name
+          AND o.window_start = t.window_start AND o.seq = t.seq
+          AND o.identifier = t.identifier AND o.state = 'pending'"""
+
+
+def _row_columns(rows: Sequence[PendingRow]) -> list[list[Any]]:
+    return [
+        [r.consumer for r in rows],
+        [r.event_name for r in rows],
+        [r.window_start for r in rows],
+        [r.seq for r in rows],
+        [r.identifier for r in rows],
+        [r.customer for r in rows],
+    ]
+
+
+async def mark_rows_sent(conn: Executor, rows: Sequence[PendingRow], answer: str) -> None:
     await conn.execute(
-        """UPDATE stripe_outbox
-        SET state = 'sent', sent_at = now(), customer = $5, answer = $6,
-            attempts = attempts + 1, last_error = NULL
-        WHERE consumer = $1 AND event_name = $2 AND window_start = $3 AND seq = $4
-          AND state = 'pending'""",
-        *row.key,
-        row.customer,
+        f"""UPDATE stripe_outbox o
+        SET state = 'sent', sent_at = now(), customer = t.customer, answer = $7,
+            attempts = o.attempts + 1, last_error = NULL
+        FROM {_ROWS_SQL}
+        WHERE {_ROWS_MATCH}""",
+        *_row_columns(rows),
         answer,
     )
 
 
-async def mark_retry(conn: Executor, row: PendingRow, error: str, delay: timedelta) -> None:
+async def mark_rows_retry(
+    conn: Executor, rows: Sequence[PendingRow], error: str, delay: timedelta
+) -> None:
     await conn.execute(
+        f"""UPDATE stripe_outbox o
+        SET attempts = o.attempts + 1, last_error = $7, next_attempt_at = now() + $8
+        FROM {_ROWS_SQL}
+        WHERE {_ROWS_MATCH}""",
+        *_row_columns(rows),
+        error[:500],
+        delay,
+    )
+
+
+async def meter_event_name(conn: Executor, meter_id: str) -> str | None:
+    """The configured meter a Stripe meter id belongs to, as the last meter check found it."""
+    name: str | None = await conn.fetchval(
+        "SELECT event_name FROM stripe_meters WHERE meter_id = $1", meter_id
+    )
+    return name
+
+
+async def resend_dropped(
+    conn: Executor,
+    renames: Sequence[tuple[str, str]],
+    event_name: str | None,
+    error: str,
+    delay: timedelta,
+) -> int:
+    """Rows Stripe dropped (an error report named their identifiers) become pending again
+    under their next identifier (`(old, new)` pairs), due after `delay`; rows already
+    unbillable, or no longer under the old identifier, are left alone. Returns how many."""
+    status = await conn.execute(
+        """UPDATE stripe_outbox o
+        SET state = 'pending', identifier = t.new, sent_at = NULL, answer = NULL,
+            last_error = $4, next_attempt_at = now() + $5
+        FROM unnest($1::text[], $2::text[]) AS t(old, new)
+        WHERE o.identifier = t.old AND o.state IN ('pending', 'sent')
+          AND ($3::text IS NULL OR o.event_name = $3)""",
+        [old for old, _ in renames],
+        [new for _, new in renames],
+        event_name,
+        error[:500],
+        delay,
+    )
+    return int(status.split()[-1])
+
+
+async def mark_dropped_unbillable(
+    conn: Executor, identifiers: Sequence[str], event_name: str | None, error: str
+) -> int:
+    """Rows Stripe dropped for a reason no re-send can fix (their time is too old)."""
+    status = await conn.execute(
         """UPDATE stripe_outbox
-        SET attempts = attempts + 1, last_error = $5, next_attempt_at = now() + $6
-        WHERE consumer = $1 AND event_name = $2 AND window_start = $3 AND seq = $4
-          AND state = 'pending'""",
-        *row.key,
+        SET state = 'unbillable', last_error = $3
+        WHERE identifier = ANY($1::text[]) AND state IN ('pending', 'sent')
+          AND ($2::text IS NULL OR event_name = $2)""",
+        list(identifiers),
+        event_name,
+        error[:500],
+    )
+    return int(status.split()[-1])
+
+
+# Error reports taken by the webhook, waiting to be fetched from Stripe (migration 0005).
+ERROR_REPORTS_KEPT = timedelta(days=30)  # as long as Stripe keeps v2 events
+
+
+async def queue_error_report(conn: Executor, event_id: str, meter_id: str | None) -> None:
+    await conn.execute(
+        """INSERT INTO stripe_error_reports (event_id, meter_id) VALUES ($1, $2)
+        ON CONFLICT DO NOTHING""",
+        event_id,
+        meter_id,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedReport:
+    event_id: str
+    attempts: int
+
+
+async def due_error_reports(conn: Executor, limit: int) -> list[QueuedReport]:
+    """Queued error reports due for a fetch, oldest first; applied ones past their keeping
+    time are pruned on the way."""
+    await conn.execute(
+        "DELETE FROM stripe_error_reports WHERE applied_at < now() - $1::interval",
+        ERROR_REPORTS_KEPT,
+    )
+    rows = await conn.fetch(
+        """SELECT event_id, attempts FROM stripe_error_reports
+        WHERE applied_at IS NULL AND next_attempt_at <= now()
+        ORDER BY received_at, event_id LIMIT $1""",
+        limit,
+    )
+    return [QueuedReport(row["event_id"], row["attempts"]) for row in rows]
+
+
+async def error_report_applied(conn: Executor, event_id: str, error: str | None = None) -> None:
+    await conn.execute(
+        """UPDATE stripe_error_reports
+        SET applied_at = now(), attempts = attempts + 1, last_error = $2
+        WHERE event_id = $1""",
+        event_id,
+        None if error is None else error[:500],
+    )
+
+
+async def error_report_retry(conn: Executor, event_id: str, error: str, delay: timedelta) -> None:
+    await conn.execute(
+        """UPDATE stripe_error_reports
+        SET attempts = attempts + 1, last_error = $2, next_attempt_at = now() + $3
+        WHERE event_id = $1""",
+        event_id,
         error[:500],
         delay,
     )
@@ -288,8 +426,14 @@ MAX_HELD_SHOWN = 100
 MAX_ERRORS_SHOWN = 20
 
 
-async def status(conn: Executor, meters: Sequence[Meter]) -> dict[str, Any]:
-    """The outbox and sync as `GET /v1/stripe/status` shows them (contract 4)."""
+async def status(pool: asyncpg.Pool, meters: Sequence[Meter]) -> dict[str, Any]:
+    """The outbox and sync as `GET /v1/stripe/status` shows them (contract 4), every figure
+    from one snapshot: a sync committing between two of the queries cannot make them disagree."""
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        return await _status(conn, meters)
+
+
+async def _status(conn: asyncpg.Connection, meters: Sequence[Meter]) -> dict[str, Any]:
     found = {
         row["event_name"]: row
         for row in await conn.fetch("SELECT event_name, meter_id, active FROM stripe_meters")
@@ -353,3 +497,82 @@ async def status(conn: Executor, meters: Sequence[Meter]) -> dict[str, Any]:
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+# -- reconcile (reconcile.py, reconciler.py) ---------------------------------------------------
+
+# The customer a row counts for: the one it was sent to, else (not sent yet) the one it would go to.
+_ROW_CUSTOMER_SQL = f"CASE WHEN o.state = 'sent' THEN o.customer ELSE {CUSTOMER_SQL} END"
+
+
+async def reconcile_days(
+    conn: Executor, lo: datetime, hi: datetime, settle: timedelta
+) -> list[LocalDay]:
+    """Per customer, meter and UTC day of the windows starting in [lo, hi): what was delivered,
+    what is still pending, what is unbillable, and what was delivered within `settle`."""
+    rows = await conn.fetch(
+        f"""SELECT customer, event_name, day,
+            coalesce(sum(value) FILTER (WHERE state = 'sent'), 0) AS sent,
+            coalesce(sum(value) FILTER (WHERE state = 'pending'), 0) AS pending,
+            coalesce(sum(value) FILTER (WHERE state = 'unbillable'), 0) AS unbillable,
+            coalesce(
+                sum(value) FILTER (WHERE state = 'sent' AND sent_at > now() - $3::interval), 0
+            ) AS settling
+        FROM (
+            SELECT {_ROW_CUSTOMER_SQL} AS customer, o.event_name,
+                   (o.window_start AT TIME ZONE 'UTC')::date AS day, o.state, o.value, o.sent_at
+            FROM stripe_outbox o LEFT JOIN consumers c ON c.consumer = o.consumer
+            WHERE o.window_start >= $1 AND o.window_start < $2
+        ) t
+        GROUP BY customer, event_name, day
+        ORDER BY customer, event_name, day""",
+        lo,
+        hi,
+        settle,
+    )
+    return [
+        LocalDay(
+            customer=row["customer"],
+            meter=row["event_name"],
+            day=row["day"],
+            sent=int(row["sent"]),
+            pending=int(row["pending"]),
+            unbillable=int(row["unbillable"]),
+            settling=int(row["settling"]),
+        )
+        for row in rows
+    ]
+
+
+async def reconcile_rows(
+    conn: Executor, customer: str, event_name: str, lo: datetime, hi: datetime
+) -> tuple[list[SentRow], set[datetime]]:
+    """The delivered rows of one customer and meter with windows in [lo, hi), and the windows
+    that also have rows still pending for that customer."""
+    rows = await conn.fetch(
+        f"""SELECT o.identifier, o.window_start, o.value, o.state, o.sent_at,
+                   {CUSTOMER_SQL} AS current_customer
+        FROM stripe_outbox o LEFT JOIN consumers c ON c.consumer = o.consumer
+        WHERE o.event_name = $2 AND o.window_start >= $3 AND o.window_start < $4
+          AND o.state IN ('sent', 'pending') AND {_ROW_CUSTOMER_SQL} = $1
+        ORDER BY o.window_start, o.seq""",
+        customer,
+        event_name,
+        lo,
+        hi,
+    )
+    sent = [
+        SentRow(
+            identifier=row["identifier"],
+            customer=customer,
+            meter=event_name,
+            window_start=row["window_start"],
+            value=row["value"],
+            sent_at=row["sent_at"],
+            current_customer=row["current_customer"],
+        )
+        for row in rows
+        if row["state"] == "sent"
+    ]
+    pending = {row["window_start"] for row in rows if row["state"] == "pending"}
+    return sent, pending

@@ -7,13 +7,20 @@ carry `Stripe-Should-Retry: true`, stripe-python@v16.1.0:stripe/_http_client.py 
 so every retry is the outbox's, counted and logged. `classify` maps Stripe's errors to ours, once
 for every caller; an aiohttp failure that escapes the SDK (it reads the body outside its own
 error handling) is wrapped as a connection error first.
+
+The v2 meter event stream authenticates with a meter event session's token, not the key: the
+SDK sends the stream call to the `meter_events` base address and takes the token as that one
+call's `api_key` option (stripe-python@v16.1.0:stripe/v2/billing/_meter_event_stream_service.py,
+stripe/_request_options.py `merge_options`); the session itself is created with the key at the
+`api` base address (stripe/v2/billing/_meter_event_session_service.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -32,6 +39,8 @@ class Outcome(enum.Enum):
     DUPLICATE = "duplicate"  # Stripe already has this identifier: delivered
     REJECTED = "rejected"  # Stripe refuses this call as it is (bad customer, inactive meter...)
     UNAUTHORIZED = "unauthorized"  # the key is wrong or lacks permission: nothing will work
+    # The stream's session token expired (401 billing_meter_event_session_expired): renew it.
+    SESSION_EXPIRED = "session_expired"
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +59,8 @@ def classify(exc: stripe.StripeError) -> StripeFailure:
     detail = exc.error
     code = exc.code or (detail.code if detail is not None else None) or type(exc).__name__
     message = (detail.message if detail is not None else None) or exc.user_message or str(exc)
+    if isinstance(exc, stripe.TemporarySessionExpiredError):
+        return StripeFailure(Outcome.SESSION_EXPIRED, code, message, status)
     if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
         return StripeFailure(Outcome.UNAUTHORIZED, code, message, status)
     if isinstance(exc, stripe.RateLimitError | stripe.APIConnectionError):
@@ -92,6 +103,41 @@ class Summary:
     start: datetime
     end: datetime
     value: float
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One meter event for the v2 stream (sent with Stripe's default payload keys)."""
+
+    event_name: str
+    customer: str
+    value: int
+    identifier: str
+    timestamp: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MeterEventSession:
+    """A v2 meter event session: its token authenticates stream calls until it expires.
+    `lifetime` is Stripe's own `expires_at - created`, so no clock skew enters it."""
+
+    id: str
+    token: str
+    expires_at: datetime
+    lifetime: float
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@contextlib.contextmanager
+def _connection_errors() -> Iterator[None]:
+    try:
+        yield
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        message = f"connection to Stripe failed: {exc!r}"
+        raise stripe.APIConnectionError(message) from exc  # type: ignore[no-untyped-call]
 
 
 class StripeApi:
@@ -141,7 +187,7 @@ class StripeApi:
     ) -> None:
         """One meter event. The identifier is also the idempotency key: a retry after a dropped
         answer gets the first answer replayed (for 24 hours), else a duplicate refusal."""
-        try:
+        with _connection_errors():
             await self._client.v1.billing.meter_events.create_async(
                 params={
                     "event_name": event_name,
@@ -151,9 +197,48 @@ class StripeApi:
                 },
                 options={"idempotency_key": identifier},
             )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            message = f"connection to Stripe failed: {exc!r}"
-            raise stripe.APIConnectionError(message) from exc  # type: ignore[no-untyped-call]
+
+    async def create_meter_event_session(self) -> MeterEventSession:
+        """A new session for the v2 stream (Stripe's tokens last 15 minutes)."""
+        with _connection_errors():
+            session = await self._client.v2.billing.meter_event_session.create_async()
+        created = datetime.fromisoformat(session.created)
+        expires_at = datetime.fromisoformat(session.expires_at)
+        return MeterEventSession(
+            id=session.id,
+            token=session.authentication_token,
+            expires_at=expires_at,
+            lifetime=(expires_at - created).total_seconds(),
+        )
+
+    async def stream_meter_events(self, token: str, events: Sequence[StreamEvent]) -> None:
+        """Up to 100 meter events in one v2 stream call, authenticated by a session token. A
+        200 only means Stripe took them for processing: it validates them later and reports
+        what it dropped in `v1.billing.meter.error_report_triggered` events. A reused identifier
+        is dropped silently (no error), which is what makes re-sending a batch safe. The SDK
+        sends a fresh random idempotency key: a batch sent again is new to that layer."""
+        params: Any = {
+            "events": [
+                {
+                    "event_name": event.event_name,
+                    "identifier": event.identifier,
+                    "payload": {"stripe_customer_id": event.customer, "value": str(event.value)},
+                    "timestamp": _rfc3339(event.timestamp),
+                }
+                for event in events
+            ]
+        }
+        with _connection_errors():
+            await self._client.v2.billing.meter_event_stream.create_async(
+                params=params, options={"api_key": token}
+            )
+
+    async def retrieve_event(self, event_id: str) -> dict[str, Any]:
+        """A v2 event with its `data` (a thin webhook notification carries only its id, type
+        and related object)."""
+        with _connection_errors():
+            event = await self._client.v2.core.events.retrieve_async(event_id)
+        return event.to_dict()
 
     async def customer_exists(self, customer: str) -> bool:
         try:
@@ -165,16 +250,21 @@ class StripeApi:
         return not getattr(found, "deleted", False)
 
     async def event_summaries(
-        self, meter_id: str, customer: str, start: int, end: int, window: str = "day"
+        self, meter_id: str, customer: str, start: int, end: int, window: str | None = "day"
     ) -> Sequence[Summary]:
+        """A customer's summaries of one meter over [start, end), following the pages: one per
+        `window` ("hour" or "day", with start and end on hour or UTC day boundaries), or with
+        `window=None` one for the whole range (on minute boundaries), as
+        stripe-python@v16.1.0:stripe/params/billing/_meter_event_summary_list_params.py has it."""
         summaries: list[Summary] = []
         params: dict[str, Any] = {
             "customer": customer,
             "start_time": start,
             "end_time": end,
-            "value_grouping_window": window,
             "limit": 100,
         }
+        if window is not None:
+            params["value_grouping_window"] = window
         while True:
             page = await self._client.v1.billing.meters.event_summaries.list_async(
                 meter_id,

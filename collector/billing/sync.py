@@ -8,15 +8,20 @@ within `LEADER_RETRY` seconds. Every cycle (each `sync_interval`, default 60 s):
    Stripe was enabled); the ingest transactions mark the windows they add to;
 2. derive: the marked windows' new usage becomes immutable deltas (`store.derive`);
 3. check the meters at Stripe every `METER_CHECK_INTERVAL`: a missing or inactive meter is
-   logged, shown in the status and not sent to;
-4. send what is due: per customer and meter one call at a time, in window order, all of them
-   within Stripe's rate (25 calls/s in test mode, 1,000 live). A retryable failure backs the row
-   off exponentially (and stops that customer and meter for the cycle, to keep the order); a
-   duplicate answer counts as delivered; a rejection is logged with Stripe's code and retried
-   slowly, since only the operator can fix it (a missing customer, an inactive meter).
+   logged, shown in the status and not sent to; then fetch and apply the error reports the
+   webhook endpoint queued (`error_reports.py`);
+4. send what is due through the transport (`transport.py`: one event a call to v1, or up to
+   100 a call on the v2 stream, `stream.py`): per customer and meter one call at a time, in
+   window order, all of them within Stripe's rate (25 calls/s in test mode, 1,000 live). A
+   retryable failure backs the call's rows off exponentially (and stops their customers and
+   meters for the cycle, to keep the order); a duplicate answer counts as delivered; a
+   rejection is logged with Stripe's code and retried slowly, since only the operator can fix
+   it (a missing customer, an inactive meter).
 
 A row is marked sent only after Stripe answered: a crash between the two sends the same
-identifier again, which Stripe answers as a duplicate (it keeps identifiers at least 24 hours).
+identifier again, which Stripe answers as a duplicate (it keeps identifiers at least 24 hours;
+the stream drops a known one silently). What Stripe drops later, after validating it
+asynchronously, comes back through its error reports (`error_reports.py`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import contextlib
 import random
 import socket
 import time
-from collections import defaultdict
+from collections import deque
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final
@@ -37,9 +42,10 @@ import structlog
 from aiolimiter import AsyncLimiter
 
 from ..observability import Metrics
-from . import store
+from . import error_reports, store
 from .meters import Meter
 from .settings import StripeSettings
+from .stream import StreamTransport
 from .stripe_api import (
     Outcome,
     StripeApi,
@@ -48,6 +54,7 @@ from .stripe_api import (
     classify,
     meters_by_event_name,
 )
+from .transport import Transport, V1Transport
 
 log = structlog.get_logger("token_meter.billing")
 
@@ -101,6 +108,8 @@ class StripeSync:
         # windows, and a bucket that lets `rate` calls burst would put up to twice the rate into
         # one window.
         self.limiter = AsyncLimiter(1, 1 / settings.max_rate(self.api.test_mode))
+        transport = StreamTransport if settings.transport == "meter_event_stream" else V1Transport
+        self.transport: Transport = transport(self.api, self.limiter, metrics)
         self.meters: dict[str, StripeMeter] = {}
         self._meters_checked = -float("inf")
         self._task: asyncio.Task[None] | None = None
@@ -163,6 +172,8 @@ class StripeSync:
         if deltas:
             self.metrics.stripe_deltas.inc(deltas)
         await self._check_meters(conn)
+        # Stripe's error reports the webhook queued: rows it dropped go back to pending.
+        await error_reports.apply_queued(conn, self.api, self.limiter, self.metrics)
         now = self.clock()
         unbillable = await store.prepare_sending(conn, now - STRIPE_MAX_AGE)
         if unbillable:
@@ -216,70 +227,103 @@ class StripeSync:
         await store.record_meters(conn, found)
 
     async def _send(self, rows: Sequence[store.PendingRow]) -> tuple[int, bool]:
-        """Send rows, one call at a time per customer and meter; (rows delivered, stop)."""
-        lanes: dict[tuple[str, str], list[store.PendingRow]] = defaultdict(list)
-        for row in rows:
-            lanes[(row.customer, row.event_name)].append(row)
-        gate = asyncio.Semaphore(MAX_CONCURRENT)
+        """Send rows in calls of up to the transport's batch size; (rows delivered, stop).
+
+        Rows form lanes, one per customer and meter, in window order. Each worker holds the
+        lanes it started until their rows are all sent, so no two calls in flight carry rows of
+        one customer and meter (Stripe allows one concurrent call per customer and meter, and
+        a batch of the stream mixes lanes); a failed call ends its lanes for this cycle, their
+        later rows waiting behind the failed ones."""
+        waiting: deque[Lane] = deque(lanes(rows))
         delivered = 0
         stop = False
 
-        async def lane(items: list[store.PendingRow]) -> None:
+        async def worker() -> None:
             nonlocal delivered, stop
-            async with gate:
-                for row in items:
-                    if stop:
-                        return
-                    outcome = await self._send_one(row)
-                    if outcome is None or outcome is Outcome.DUPLICATE:
-                        delivered += 1
-                        continue
-                    if outcome is Outcome.UNAUTHORIZED:
-                        stop = True
-                    return  # keep the lane's order: the rest waits for this row
+            held: dict[LaneKey, deque[store.PendingRow]] = {}
+            while not stop and (batch := fill_batch(held, waiting, self.transport.batch_size)):
+                outcome = await self._deliver(batch)
+                if outcome is None:
+                    delivered += len(batch)
+                    continue
+                if outcome is Outcome.UNAUTHORIZED:
+                    stop = True
+                for row in batch:
+                    held.pop((row.customer, row.event_name), None)
 
-        await asyncio.gather(*(lane(items) for items in lanes.values()))
+        await asyncio.gather(*(worker() for _ in range(MAX_CONCURRENT)))
         return delivered, stop
 
-    async def _send_one(self, row: store.PendingRow) -> Outcome | None:
-        """One meter event; None when Stripe took it, else the failure's outcome."""
-        failure: StripeFailure | None = None
-        async with self.limiter:
-            try:
-                await self.api.send_meter_event(
-                    event_name=row.event_name,
-                    customer=row.customer,
-                    value=row.value,
-                    identifier=row.identifier,
-                    timestamp=int(row.window_start.timestamp()),
-                )
-            except stripe.StripeError as exc:
-                failure = classify(exc)
-        self.metrics.stripe_calls.labels(
-            "meter_events", failure.outcome.value if failure else "ok"
-        ).inc()
-        if failure is None or failure.outcome is Outcome.DUPLICATE:
-            await store.mark_sent(self.pool, row, "created" if failure is None else "duplicate")
-            self.metrics.stripe_sent.labels(row.event_name).inc(row.value)
-            return None if failure is None else Outcome.DUPLICATE
-        delay = REJECTED_RETRY if failure.outcome is Outcome.REJECTED else backoff(row.attempts)
-        await store.mark_retry(self.pool, row, f"{failure.code}: {failure.message}", delay)
+    async def _deliver(self, batch: Sequence[store.PendingRow]) -> Outcome | None:
+        """One call; None when Stripe took the rows (or had them), else the failure's outcome."""
+        result = await self.transport.send(batch)
+        if not isinstance(result, StripeFailure):
+            await store.mark_rows_sent(self.pool, batch, result)
+            for row in batch:
+                self.metrics.stripe_sent.labels(row.event_name).inc(row.value)
+            return None
+        failure = result
+        if failure.outcome is Outcome.REJECTED:
+            delay = REJECTED_RETRY
+        else:
+            delay = backoff(max(row.attempts for row in batch))
+        await store.mark_rows_retry(self.pool, batch, f"{failure.code}: {failure.message}", delay)
+        meters = sorted({row.event_name for row in batch})
+        where = {
+            "meter": ",".join(meters),
+            "customer": batch[0].customer if len(batch) == 1 else None,
+            "rows": len(batch),
+        }
         if failure.outcome is not Outcome.RETRY:
             log.error(
                 "stripe_meter_event_refused",
-                meter=row.event_name,
-                customer=row.customer,
+                **where,
                 code=failure.code,
                 status=failure.status,
                 message=failure.message,
             )
-            await store.record_error(self.pool, row.event_name, failure.code, failure.message)
+            for meter in meters:
+                await store.record_error(self.pool, meter, failure.code, failure.message)
         else:
             log.warning(
                 "stripe_meter_event_retry",
-                meter=row.event_name,
+                **where,
                 code=failure.code,
                 status=failure.status,
-                attempts=row.attempts + 1,
+                attempts=max(row.attempts for row in batch) + 1,
             )
         return failure.outcome
+
+
+LaneKey = tuple[str, str]  # Stripe customer, meter event name
+Lane = tuple[LaneKey, deque[store.PendingRow]]
+
+
+def lanes(rows: Sequence[store.PendingRow]) -> list[Lane]:
+    """Rows per customer and meter, each lane in the rows' order, lanes by their first row."""
+    grouped: dict[LaneKey, deque[store.PendingRow]] = {}
+    for row in rows:
+        grouped.setdefault((row.customer, row.event_name), deque()).append(row)
+    return list(grouped.items())
+
+
+def fill_batch(
+    held: dict[LaneKey, deque[store.PendingRow]], waiting: deque[Lane], size: int
+) -> list[store.PendingRow]:
+    """The next call's rows: from the lanes this worker holds first, then lanes it takes from
+    `waiting` (held until done); a lane whose rows are all taken is let go."""
+    batch: list[store.PendingRow] = []
+    keys = iter(list(held))
+    while len(batch) < size:
+        key = next(keys, None)
+        if key is None:
+            if not waiting:
+                break
+            key, rows = waiting.popleft()
+            held[key] = rows
+        rows = held[key]
+        while rows and len(batch) < size:
+            batch.append(rows.popleft())
+        if not rows:
+            del held[key]
+    return batch

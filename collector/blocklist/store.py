@@ -94,7 +94,12 @@ async def read_snapshot(conn: asyncpg.Connection) -> BlocklistSnapshot:
             reasons: list[str] = entry["reasons"]  # type: ignore[assignment]
             reasons.append(reason)
             reasons.sort(key=REASON_PRECEDENCE.index)
-            entry["reason"] = reasons[0]
+            if reasons[0] == reason:  # the entry shows its first reason, and that one's detail
+                entry.update(
+                    reason=reason,
+                    since=row["since"].isoformat(),
+                    detail=msgspec.json.decode(row["detail"]),
+                )
     entries = list(by_consumer.values())
     body = msgspec.json.encode({"version": version, "entries": entries})
     return BlocklistSnapshot(version=version, entries=entries, body=body)

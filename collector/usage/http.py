@@ -42,6 +42,8 @@ def _period(request: web.Request, now: datetime) -> tuple[datetime, datetime]:
 @requires(Role.ADMIN)
 async def get_usage(request: web.Request) -> web.Response:
     consumer = request.match_info["consumer"]
+    if "\x00" in consumer:  # PostgreSQL text cannot hold U+0000: no such consumer is stored
+        raise not_found(f"no consumer {consumer!r} has been seen")
     now = datetime.now(UTC)
     start, end = _period(request, now)
     async with request.app[POOL].acquire() as conn, conn.transaction(readonly=True):

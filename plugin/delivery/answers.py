@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 from typing import Final
 
@@ -84,7 +85,7 @@ def classify(status: int, body: bytes, events: int) -> Verdict:
     if 200 <= status < 300:
         try:
             result = _decode_result(body)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):  # a string that is not UTF-8
             return Delivered(0, 0, [], readable=False)
         return Delivered(result.accepted, result.duplicates, result.rejected)
     detail = body[:_DETAIL_BYTES].decode("utf-8", "replace")
@@ -97,8 +98,9 @@ def classify(status: int, body: bytes, events: int) -> Verdict:
 
 
 def unreachable(error: BaseException) -> Retry:
-    """The verdict when no answer came (refused connection, timeout, reset)."""
-    return Retry(None, repr(error), config_error=False)
+    """The verdict when no answer came (refused connection, timeout, reset). A collector whose
+    certificate is not trusted (collector_ca_bundle) is a configuration error."""
+    return Retry(None, repr(error), config_error=isinstance(error, ssl.SSLCertVerificationError))
 
 
 @dataclass(slots=True)

@@ -31,10 +31,14 @@ class CollectorClient:
     """One keep-alive connection to the collector, used by one thread at a time.
 
     ``token`` may be replaced at any time (a config push); the next request uses it. ``abort``
-    may be called from another thread to unblock a request in progress.
+    may be called from another thread to unblock a request in progress. An ``https://``
+    collector is verified (certificate and host name) against ``ca_bundle``, a PEM file, or the
+    system's certificate authorities when it is None.
     """
 
-    def __init__(self, collector_url: str, collector_token: str) -> None:
+    def __init__(
+        self, collector_url: str, collector_token: str, ca_bundle: str | None = None
+    ) -> None:
         parts = urlsplit(collector_url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or ""
@@ -43,9 +47,27 @@ class CollectorClient:
         self.token = collector_token
         self._conn: http.client.HTTPConnection | None = None
         self._aborted = False
-        self._ssl_context: ssl.SSLContext | None = (
-            ssl.create_default_context() if self._https else None
-        )
+        self._ca_bundle = ca_bundle
+        self._ssl_context: ssl.SSLContext | None = None
+
+    def trust(self, ca_bundle: str | None) -> None:
+        """Verify the collector against ``ca_bundle`` from the next connection on (a config
+        push); the kept-alive connection, verified against the previous one, is closed."""
+        if ca_bundle != self._ca_bundle:
+            self._ca_bundle = ca_bundle
+            self._ssl_context = None
+            self.close()
+
+    def _tls(self) -> ssl.SSLContext:
+        """Made on first use, so a missing or unreadable bundle fails each request (retried,
+        logged) instead of the plugin."""
+        if self._ssl_context is None:
+            try:
+                self._ssl_context = ssl.create_default_context(cafile=self._ca_bundle)
+            except OSError as exc:  # ssl.SSLError is one: a file without a PEM certificate
+                reason = exc.strerror or str(exc)
+                raise OSError(f"collector_ca_bundle {self._ca_bundle}: {reason}") from exc
+        return self._ssl_context
 
     def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
         conn = self._conn
@@ -56,7 +78,7 @@ class CollectorClient:
             return conn, True
         if self._https:
             conn = http.client.HTTPSConnection(
-                self._host, self._port, timeout=timeout, context=self._ssl_context
+                self._host, self._port, timeout=timeout, context=self._tls()
             )
         else:
             conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)

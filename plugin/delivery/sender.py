@@ -75,7 +75,9 @@ class Sender:
         self._outbox = outbox
         self._settings = settings
         self._cond = outbox.cond
-        self._client = CollectorClient(first.collector_url, first.collector_token)
+        self._client = CollectorClient(
+            first.collector_url, first.collector_token, first.collector_ca_bundle
+        )
         self._thread = threading.Thread(target=self._run, name="token-meter-sender", daemon=True)
         self._start_lock = threading.Lock()
         self.started = False
@@ -225,6 +227,7 @@ class Sender:
     def _post(self, events: list[bytes]) -> Verdict:
         settings = self._settings()
         self._client.token = settings.collector_token  # a config push takes effect here
+        self._client.trust(settings.collector_ca_bundle)
         body = gzip.compress(b"[" + b",".join(events) + b"]", compresslevel=GZIP_LEVEL)
         try:
             response = self._client.request(
@@ -238,7 +241,7 @@ class Sender:
         url = self._settings().collector_url
         if verdict.status is None:
             log(
-                logging.WARNING,
+                logging.ERROR if verdict.config_error else logging.WARNING,
                 "collector_unreachable",
                 url=url,
                 error=verdict.detail,

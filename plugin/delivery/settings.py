@@ -18,6 +18,8 @@ class DeliverySettings:
 
     collector_url: str
     collector_token: str
+    # PEM file of the CAs an https:// collector is verified against (None: the system's).
+    collector_ca_bundle: str | None = None
     # Events per POST (the collector takes at most 10,000).
     max_batch_size: int = default_of("max_batch_size", int)
     # Seconds the oldest unsent event waits for others before its batch goes.

@@ -72,7 +72,15 @@ class Doc(msgspec.Struct):
 
 
 DOC_DECODER: Final = msgspec.json.Decoder(Doc)
-DECODE_ERRORS: Final = (msgspec.DecodeError, msgspec.ValidationError)
+# Beyond msgspec's own: RecursionError, its bound on nesting (Python's recursion limit, about
+# 1,000 levels, skipped values included), which a few kB of brackets reach; UnicodeDecodeError,
+# a string that is not UTF-8.
+DECODE_ERRORS: Final = (
+    msgspec.DecodeError,
+    msgspec.ValidationError,
+    RecursionError,
+    UnicodeDecodeError,
+)
 _ANY_DECODER: Final = msgspec.json.Decoder()
 
 _ANTHROPIC_TYPES: Final = frozenset({"message", "message_start", "message_delta"})
@@ -142,7 +150,7 @@ class Reading:
     def _add_usage(self, raw: msgspec.Raw) -> None:
         try:
             usage = _ANY_DECODER.decode(raw)
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             return
         if not isinstance(usage, dict):
             return

@@ -143,7 +143,11 @@ async def test_the_sync_keeps_to_test_modes_rate(
                 await put_consumer(collector, f"r{n}", {"stripe_customer_id": f"cus_r{n}"})
             await collector.post_events([usage_event(f"r{n}", f"r{n}") for n in range(60)])
             await eventually(
-                lambda: all(fake.total(f"cus_r{n}", OUTPUT) == 20 for n in range(60)), within=60
+                lambda: all(
+                    fake.total(f"cus_r{n}", OUTPUT) == 20 and fake.total(f"cus_r{n}", INPUT) == 100
+                    for n in range(60)
+                ),
+                within=60,
             )
         refused = [r for r in fake.requests_to(CREATE_METER_EVENT) if r.status == 429]
         assert refused == []

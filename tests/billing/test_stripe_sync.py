@@ -9,14 +9,30 @@ from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
+import pytest
 
-from tests.billing.conftest import COST, INPUT, OUTPUT, eventually, stripe_env
+from tests.billing.conftest import (
+    COST,
+    EVENT_ROUTE,
+    INPUT,
+    OUTPUT,
+    TRANSPORTS,
+    events_sent,
+    eventually,
+    stripe_env,
+)
 from tests.collector.accounts_api import put_consumer
 from tests.conftest import RunningCollector, make_settings, run_collector_app
 from tests.contract.test_openapi import check_response
 from tests.factories import usage_event
-from tests.harness.stripe import CREATE_METER_EVENT, FakeStripe, RateLimits
+from tests.harness.stripe import FakeStripe, RateLimits
 from token_meter_collector.keys import STRIPE_SYNC
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every test here runs over both transports (`billing_collector` takes this too)."""
+    return str(request.param)
 
 
 async def local_totals(db: asyncpg.Connection, consumer: str) -> dict[str, Decimal]:
@@ -40,7 +56,10 @@ async def status(collector: RunningCollector) -> dict:
 
 
 async def test_usage_of_a_mapped_consumer_reaches_stripe_once_per_meter(
-    billing_collector: RunningCollector, stripe_fake: FakeStripe, db: asyncpg.Connection
+    billing_collector: RunningCollector,
+    stripe_fake: FakeStripe,
+    db: asyncpg.Connection,
+    transport: str,
 ) -> None:
     stripe_fake.add_customer("cus_alice")
     await put_consumer(billing_collector, "alice", {"stripe_customer_id": "cus_alice"})
@@ -53,7 +72,7 @@ async def test_usage_of_a_mapped_consumer_reaches_stripe_once_per_meter(
     await eventually(lambda: stripe_totals(stripe_fake, "cus_alice") == expected)
     body = await eventually(lambda: _settled(billing_collector), within=10)
     check_response("GET", "/v1/stripe/status", 200, "application/json", json.dumps(body).encode())
-    assert body["enabled"] is True and body["transport"] == "meter_events"
+    assert body["enabled"] is True and body["transport"] == transport
     assert [(m["event_name"], m["active"]) for m in body["meters"]] == [
         (INPUT, True),
         (OUTPUT, True),
@@ -74,13 +93,16 @@ async def _settled(collector: RunningCollector) -> dict | None:
 
 
 async def test_an_unmapped_consumer_is_held_then_sent_once_mapped(
-    billing_collector: RunningCollector, stripe_fake: FakeStripe, db: asyncpg.Connection
+    billing_collector: RunningCollector,
+    stripe_fake: FakeStripe,
+    db: asyncpg.Connection,
+    transport: str,
 ) -> None:
     await billing_collector.post_events([usage_event(f"b{i}", "bob") for i in range(5)])
     body = await eventually(lambda: _held(billing_collector, "bob"), within=10)
     assert body["held_consumers"] == 1
     assert body["pending_rows"] > 0 and body["oldest_pending_seconds"] is None
-    assert stripe_fake.call_count(CREATE_METER_EVENT) == 0
+    assert stripe_fake.call_count(EVENT_ROUTE[transport]) == 0
     # A `cus_` custom_id in Kong maps the consumer (no admin call needed).
     stripe_fake.add_customer("cus_bob")
     await billing_collector.post_events(
@@ -125,7 +147,7 @@ async def test_late_events_become_new_deltas_and_the_cost_remainder_is_carried(
 
 
 async def test_random_faults_change_nothing_in_the_totals(
-    database_url: str, tmp_path: Path, db: asyncpg.Connection
+    database_url: str, tmp_path: Path, db: asyncpg.Connection, transport: str
 ) -> None:
     with FakeStripe(limits=RateLimits.test_mode()) as fake:
         for name in (INPUT, OUTPUT, COST):
@@ -134,7 +156,8 @@ async def test_random_faults_change_nothing_in_the_totals(
         for c in customers:
             fake.add_customer(c)
         fake.faults.random(rate=0.3, seed=7, timeout_seconds=3)
-        settings = make_settings(database_url, tmp_path, **stripe_env(fake))
+        env = stripe_env(fake, TOKEN_METER_STRIPE_TRANSPORT=transport)
+        settings = make_settings(database_url, tmp_path, **env)
         async with run_collector_app(settings) as collector:
             for i, c in enumerate(customers):
                 await put_consumer(collector, f"f{i}", {"stripe_customer_id": c})
@@ -157,10 +180,14 @@ async def test_random_faults_change_nothing_in_the_totals(
 
 
 async def test_two_collectors_never_double_send(
-    database_url: str, tmp_path: Path, stripe_fake: FakeStripe, db: asyncpg.Connection
+    database_url: str,
+    tmp_path: Path,
+    stripe_fake: FakeStripe,
+    db: asyncpg.Connection,
+    transport: str,
 ) -> None:
     stripe_fake.add_customer("cus_dan")
-    env = stripe_env(stripe_fake)
+    env = stripe_env(stripe_fake, TOKEN_METER_STRIPE_TRANSPORT=transport)
     one = make_settings(database_url, tmp_path / "one", **env)
     two = make_settings(database_url, tmp_path / "two", **env)
     async with run_collector_app(one) as first, run_collector_app(two) as second:
@@ -172,28 +199,35 @@ async def test_two_collectors_never_double_send(
         await eventually(lambda: stripe_totals(stripe_fake, "cus_dan") == expected)
         identifiers = [e.identifier for e in stripe_fake.accepted_events(customer="cus_dan")]
         assert len(identifiers) == len(set(identifiers))
-        meter_event_calls = stripe_fake.call_count(CREATE_METER_EVENT)
-        assert meter_event_calls == len(identifiers)  # nobody sent a row twice
+        meter_events = events_sent(stripe_fake, transport)
+        assert meter_events == len(identifiers)  # nobody sent a row twice
         leaders = [c.app[STRIPE_SYNC].is_leader for c in (first, second) if c.app]
         assert sorted(leaders) == [False, True]
 
 
 async def test_a_missing_meter_holds_its_usage_and_says_so(
-    database_url: str, tmp_path: Path, db: asyncpg.Connection
+    database_url: str, tmp_path: Path, db: asyncpg.Connection, transport: str
 ) -> None:
     with FakeStripe() as fake:
         fake.create_meter(INPUT)  # the other two are missing
         fake.add_customer("cus_eve")
-        settings = make_settings(database_url, tmp_path, **stripe_env(fake))
+        env = stripe_env(fake, TOKEN_METER_STRIPE_TRANSPORT=transport)
+        settings = make_settings(database_url, tmp_path, **env)
         async with run_collector_app(settings) as collector:
             await put_consumer(collector, "eve", {"stripe_customer_id": "cus_eve"})
             await collector.post_events([usage_event("e1", "eve")])
             await eventually(lambda: fake.total("cus_eve", INPUT) == 100)
-            body = await status(collector)
+            # Stripe has the event a moment before the collector records its answer.
+            body = await eventually(lambda: _sent_once(collector))
             codes = {(e["meter"], e["code"]) for e in body["errors"]}
             assert (OUTPUT, "meter_missing") in codes and (COST, "meter_missing") in codes
             assert body["pending_rows"] == 2  # one delta each for the two missing meters
             assert fake.total("cus_eve", OUTPUT) == 0
+
+
+async def _sent_once(collector: RunningCollector) -> dict | None:
+    body = await status(collector)
+    return body if body["last_sent_at"] else None
 
 
 async def test_usage_too_old_for_stripe_is_unbillable_and_never_sent(

@@ -6,15 +6,15 @@ import asyncio
 import gzip
 import json
 from collections.abc import Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
 from tests.conftest import RunningCollector
 from tests.factories import this_hour, usage_event
+from token_meter_collector.ingest.dedupe import Pruned, prune_dedupe_keys
 from token_meter_collector.ingest.events import UsageData
 from token_meter_collector.ingest.fresh import FreshUsage, Pricing
-from token_meter_collector.ingest.store import prune_event_keys
 from token_meter_collector.keys import INGEST, POOL, PRICING
 
 
@@ -316,14 +316,36 @@ async def test_events_older_than_the_dedupe_horizon_are_rejected(
 async def test_pruning_forgets_only_keys_past_the_horizon(
     collector: RunningCollector, db: asyncpg.Connection
 ) -> None:
-    await collector.post_events([usage_event(f"k{i}") for i in range(30)])
-    await db.execute(
-        "UPDATE event_keys SET received_at = now() - interval '91 days'"
-        " WHERE key IN (SELECT key FROM event_keys ORDER BY key LIMIT 12)"
-    )
+    """Keys of events older than the horizon and a day go (a whole day by dropping its
+    partition, the default partition's one by one); younger keys stay, and so do the events."""
+    now = datetime.now(UTC)
+    five_days_ago = (now - timedelta(days=5)).date()
+    await db.execute("SELECT token_meter_ensure_key_partitions($1, $1)", five_days_ago)
+    at = {
+        "partition": now - timedelta(days=5),  # its own day's partition
+        "default": now - timedelta(days=4),  # no partition made for that day
+        "kept": now - timedelta(days=2, hours=12),  # inside horizon + margin
+        "today": now,
+    }
+    events = [
+        usage_event(f"{name}-{i}", time=moment.isoformat().replace("+00:00", "Z"))
+        for name, moment in at.items()
+        for i in range(5)
+    ]
+    assert (await collector.post_events(events))[1]["accepted"] == 20
+    assert await db.fetchval("SELECT count(*) FROM dedupe_keys_default") == 10
     assert collector.app is not None
-    removed = await prune_event_keys(collector.app[POOL], timedelta(days=90))
-    assert removed == 12
-    assert await db.fetchval("SELECT count(*) FROM event_keys") == 18
-    # the events themselves stay
-    assert await stored_count(db) == 30
+    pruned = await prune_dedupe_keys(collector.app[POOL], timedelta(days=2), now=now)
+    assert (pruned.partitions, pruned.keys) == (1, 5)
+    assert (
+        await db.fetchval("SELECT to_regclass($1)", f"dedupe_keys_{five_days_ago:%Y%m%d}") is None
+    )
+    assert await db.fetchval("SELECT count(*) FROM dedupe_keys") == 10
+    assert await db.fetchval("SELECT min(time) FROM dedupe_keys") == at["kept"]
+    # the events themselves stay, and the kept keys still dedupe
+    assert await stored_count(db) == 20
+    _, body = await collector.post_events(events[10:])
+    assert body == {"accepted": 0, "duplicates": 10, "rejected": []}
+    assert (await prune_dedupe_keys(collector.app[POOL], timedelta(days=2), now=now)) == Pruned(
+        0, 0
+    )

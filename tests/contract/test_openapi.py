@@ -17,8 +17,9 @@ import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from tests.conftest import RunningCollector, make_settings
+from tests.conftest import RunningCollector, make_settings, run_collector_app
 from tests.factories import usage_event
+from tests.harness.stripe.webhooks import DEFAULT_SECRET, credit_grant, encode, event, signature
 from token_meter_collector.app import create_app
 from token_meter_collector.blocklist.reasons import REASON_PRECEDENCE, BlockReason
 
@@ -152,6 +153,7 @@ async def test_every_answer_matches_the_spec(
         ("GET", "/v1/stripe/status", "/v1/stripe/status", admin, None),
         ("GET", "/v1/stripe/status", "/v1/stripe/status", ingest, None),
         ("GET", "/v1/stripe/status", "/v1/stripe/status", {}, None),
+        ("POST", "/v1/stripe/webhook", "/v1/stripe/webhook", {}, b"{}"),  # 503: no secret
         ("GET", "/healthz", "/healthz", {}, None),
         ("GET", "/readyz", "/readyz", {}, None),
         ("GET", "/metrics", "/metrics", admin, None),
@@ -168,9 +170,34 @@ async def test_every_answer_matches_the_spec(
         assert (path, status) in seen
     for status in (201, 409, 400, 415, 401, 403):
         assert (credits, status) in seen
+    assert ("/v1/stripe/webhook", 503) in seen
     await db.execute("INSERT INTO blocklist (consumer, reason) VALUES ('alice', 'quota_exceeded')")
     async with session.get(
         base + "/v1/blocklist?wait=5", headers={**ingest, "If-None-Match": '"1"'}
     ) as r:
         check_response("GET", "/v1/blocklist", r.status, r.content_type, await r.read())
         assert r.status == 200
+
+
+async def test_webhook_answers_match_the_spec(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(database_url, tmp_path, STRIPE_WEBHOOK_SECRET=DEFAULT_SECRET)
+    async with run_collector_app(settings) as running:
+        path = "/v1/stripe/webhook"
+        grant = encode(event("billing.credit_grant.created", credit_grant("cus_1", 100)))
+        huge = b"{" + b" " * (1024 * 1024) + b"}"
+        deliveries = [
+            (grant, signature(grant)),  # 200 (an unknown customer)
+            (grant, signature(grant)),  # 200, replayed
+            (grant, signature(grant, "whsec_other")),  # 400
+            (b"[]", signature(b"[]")),  # 400: signed, but not an event
+            (huge, signature(huge)),  # 413
+        ]
+        statuses = []
+        for body, header in deliveries:
+            headers = {"Content-Type": "application/json", "Stripe-Signature": header}
+            async with running.session.post(
+                running.base_url + path, data=body, headers=headers
+            ) as r:
+                check_response("POST", path, r.status, r.content_type, await r.read())
+                statuses.append(r.status)
+        assert statuses == [200, 200, 400, 400, 413]

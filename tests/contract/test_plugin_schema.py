@@ -7,6 +7,7 @@ it requires, and its config fields are compared with what the plugin server tell
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,8 @@ SCRIPTS = {
     config.TOKEN_METER_LOG: "token-meter-log-plugin",
 }
 
-# typedefs.protocols_http as Kong 3.x defines it (kong/db/schema/typedefs.lua)
+# typedefs.protocols_http as Kong 3.x defines it (kong/db/schema/typedefs.lua), for a schema
+# that requires it (ours write the table out: Konnect refuses require())
 TYPEDEFS_STUB = """
 local http_protocols = { "grpc", "grpcs", "http", "https" }
 package.preload["kong.db.schema.typedefs"] = function()
@@ -153,7 +155,13 @@ def test_only_the_collector_fields_are_required(plugin: str) -> None:
     assert fields["collector_token"]["encrypted"] is True
     without_default = {n for n, a in fields.items() if "default" not in a}
     # the two unset-means-derived fields (a temp dir, the hostname) and the required ones
-    assert without_default == {"collector_url", "collector_token", "spool_dir", "source"}
+    assert without_default == {
+        "collector_url",
+        "collector_token",
+        "collector_ca_bundle",
+        "spool_dir",
+        "source",
+    }
     settings = config.PluginConfig.from_kong(
         plugin, {"collector_url": "http://collector:8787/", "collector_token": "t0ken"}
     )
@@ -175,3 +183,15 @@ def test_config_errors_are_reported_all_at_once() -> None:
     problems = " ".join(info.value.problems)
     for name in ("collector_url", "collector_token", "consumer_identifier", "max_batch_size"):
         assert name in problems
+
+
+@pytest.mark.parametrize("plugin", config.PLUGIN_NAMES)
+def test_lua_schema_is_self_contained_for_konnect(plugin: str) -> None:
+    """Konnect takes no custom schema.lua that calls require(), so the file loads with nothing
+    preloaded (developer.konghq.com@main:app/custom-plugins/konnect-hybrid-mode.md)."""
+    source = (SCHEMA_DIR / f"{plugin}.schema.lua").read_text()
+    assert not re.search(r"\brequire\s*[(\"']", source)
+    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    lua.execute("package.preload = {}; require = nil")
+    chunk = lua.eval(f"function(src) return assert(loadstring(src, '={plugin}.schema.lua'))() end")
+    assert to_python(chunk(source))["name"] == plugin

@@ -13,10 +13,17 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import CollectorProcess
 from tests.e2e.conftest import ADMIN_TOKEN, INGEST_TOKEN, Stack
 from tests.harness.kong import HarnessFactory, ScriptedRequest
-from tests.harness.stripe import CREATE_METER_EVENT, FakeStripe, RateLimits
+from tests.harness.stripe import (
+    CREATE_METER_EVENT,
+    CREATE_METER_EVENT_STREAM,
+    FakeStripe,
+    RateLimits,
+)
 
 INPUT = "token_meter_input_tokens"
 OUTPUT = "token_meter_output_tokens"
@@ -44,13 +51,20 @@ def chat_request(consumer: str, custom_id: str | None, n: int) -> ScriptedReques
     )
 
 
+@pytest.mark.parametrize(
+    ("transport", "route"),
+    [("meter_events", CREATE_METER_EVENT), ("meter_event_stream", CREATE_METER_EVENT_STREAM)],
+)
 def test_usage_reaches_stripe_exactly_once_through_faults_and_a_killed_collector(
     make_harness: HarnessFactory,
     collector_process_factory: Callable[..., CollectorProcess],
     database_url: str,
     tmp_path: Path,
+    transport: str,
+    route: str,
 ) -> None:
-    with FakeStripe(limits=RateLimits.test_mode(), latency={CREATE_METER_EVENT: 0.05}) as fake:
+    """`route`: where the transport sends meter events, and so where the faults strike."""
+    with FakeStripe(limits=RateLimits.test_mode(), latency={route: 0.05}) as fake:
         for name in (INPUT, OUTPUT):
             fake.create_meter(name)
         fake.add_customer("cus_ann")  # mapped by her Kong custom_id
@@ -62,6 +76,7 @@ def test_usage_reaches_stripe_exactly_once_through_faults_and_a_killed_collector
             "STRIPE_API_BASE": fake.url,
             "TOKEN_METER_STRIPE_SYNC_INTERVAL": "0.3",
             "TOKEN_METER_STRIPE_TIMEOUT": "1",
+            "TOKEN_METER_STRIPE_TRANSPORT": transport,
         }
         collector = collector_process_factory(database_url, **env)
         collector.start()
@@ -70,7 +85,6 @@ def test_usage_reaches_stripe_exactly_once_through_faults_and_a_killed_collector
         harness = make_harness("token-meter-plugin")
         config = stack.plugin_config(max_retry_delay=1)
         # Each kind of fault at least once on meter events, then random ones on every call.
-        route = CREATE_METER_EVENT
         fake.faults.drop_after_work_next(1, route=route)
         fake.faults.fail_next(1, 500, route=route)
         fake.faults.rate_limit_next(1, route=route)
@@ -87,9 +101,9 @@ def test_usage_reaches_stripe_exactly_once_through_faults_and_a_killed_collector
             time.sleep(0.7)  # each round's usage in a sync cycle of its own
             if round_ == 2:
                 # In the middle of a sync: meter events are going out, not all answered.
-                before = fake.call_count(CREATE_METER_EVENT)
+                before = fake.call_count(route)
                 wait(
-                    lambda before=before: fake.call_count(CREATE_METER_EVENT) > before,
+                    lambda before=before: fake.call_count(route) > before,
                     30,
                     "a sync",
                 )
@@ -128,7 +142,8 @@ def test_usage_reaches_stripe_exactly_once_through_faults_and_a_killed_collector
         assert body["held_consumers"] == 1
         # What the workload cost in Stripe calls, for the closing note.
         print(
-            f"stripe_calls events={sent} meter_events={fake.call_count(CREATE_METER_EVENT)}"
+            f"stripe_calls transport={transport} events={sent}"
+            f" meter_events={fake.call_count(route)}"
             f" accepted={len(identifiers)} faults={len(fake.faults.injected)}"
             f" by_route={dict(fake.call_counts())}"
         )

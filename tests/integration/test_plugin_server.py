@@ -191,7 +191,8 @@ def test_response_without_usage_is_recorded_as_missing(
 
 
 @pytest.mark.parametrize(
-    ("reason", "status"), [("insufficient_credits", 402), ("quota_exceeded", 429)]
+    ("reason", "status"),
+    [("insufficient_credits", 402), ("payment_overdue", 402), ("quota_exceeded", 429)],
 )
 def test_blocked_consumer_is_answered_without_calling_the_upstream(
     make_harness: HarnessFactory,

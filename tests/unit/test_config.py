@@ -53,8 +53,8 @@ def test_an_optional_field_has_a_default_or_says_what_is_used_when_unset(
     """Only the values the data plane alone knows have no default Kong can show."""
     if field.required or field.default is not None:
         return
-    assert field.name in {"spool_dir", "source"}
-    assert "Unset: `" in field.description
+    assert field.name in {"spool_dir", "source", "collector_ca_bundle"}
+    assert "Unset: " in field.description
 
 
 def test_unset_fields_take_the_defaults_and_the_data_planes_values() -> None:
@@ -99,6 +99,9 @@ REFUSED = [
     ("collector_url", "http://.collector", "label must have 1 to 63"),
     ("collector_url", "http://a..b:8787", "label must have 1 to 63"),
     ("collector_url", f"http://{'a' * 64}.example", "label must have 1 to 63"),
+    ("collector_ca_bundle", "", "length must be at least 1"),
+    ("collector_ca_bundle", "ca.pem", "expected an absolute path without control characters"),
+    ("collector_ca_bundle", "/etc/ca\x7f.pem", "expected an absolute path without control"),
     ("consumer_identifier", "email", "expected one of: username, id, custom_id"),
     ("max_batch_size", 0, "value should be between 1 and 10000"),
     ("max_batch_size", 10001, "value should be between 1 and 10000"),

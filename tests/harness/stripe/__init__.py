@@ -9,7 +9,8 @@
 
 Endpoints (route names in `endpoints`): v1 billing meters (create, list, retrieve, update,
 deactivate, reactivate, event summaries), v1 meter events, v1 customers (create, list,
-retrieve, delete), v2 meter event sessions, the v2 meter event stream and v2 meter events.
+retrieve, delete), v2 meter event sessions, the v2 meter event stream, v2 meter events and v2 events
+(retrieve: the error report events `error_report_event` made).
 
 Strict as Stripe is (`params`, `state`): unknown, missing, empty or mistyped parameters,
 inactive or unknown meters, timestamps over 35 days old or 5 minutes ahead, identifiers reused
@@ -44,6 +45,7 @@ from .endpoints import (
     REACTIVATE_METER,
     RETRIEVE_CUSTOMER,
     RETRIEVE_METER,
+    RETRIEVE_V2_EVENT,
     UPDATE_METER,
 )
 from .faults import Fault, Faults
@@ -66,6 +68,7 @@ __all__ = [
     "REACTIVATE_METER",
     "RETRIEVE_CUSTOMER",
     "RETRIEVE_METER",
+    "RETRIEVE_V2_EVENT",
     "UPDATE_METER",
     "Clock",
     "ErrorReport",

@@ -36,6 +36,7 @@ DELETE_CUSTOMER = "DELETE /v1/customers/{id}"
 CREATE_METER_EVENT_SESSION = "POST /v2/billing/meter_event_session"
 CREATE_METER_EVENT_STREAM = "POST /v2/billing/meter_event_stream"
 CREATE_V2_METER_EVENT = "POST /v2/billing/meter_events"
+RETRIEVE_V2_EVENT = "GET /v2/core/events/{id}"
 
 _EXPAND: dict[str, p.Spec] = {"expand": p.List(p.String())}
 _PAGE: dict[str, p.Spec] = {
@@ -242,6 +243,10 @@ class Endpoints:
         self.state.stream_meter_events(query["events"])
         return {}
 
+    def retrieve_v2_event(self, call: Call) -> Any:
+        p.check(p.Object({}), call.params, typed=True)
+        return self.state.v2_event(call.path_args["id"])
+
     # -- customers -------------------------------------------------------------------------
 
     def create_customer(self, call: Call) -> Any:
@@ -308,4 +313,5 @@ ROUTES = (
         CREATE_METER_EVENT_STREAM, STREAM, Endpoints.create_meter_event_stream, session_auth=True
     ),
     Route(CREATE_V2_METER_EVENT, METER_EVENTS, Endpoints.create_v2_meter_event),
+    Route(RETRIEVE_V2_EVENT, READ, Endpoints.retrieve_v2_event),
 )

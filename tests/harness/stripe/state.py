@@ -189,6 +189,7 @@ class StripeState:
         self.error_reports: list[ErrorReport] = []
         self.duplicates: list[dict[str, Any]] = []  # stream events dropped for their identifier
         self.sessions: dict[str, Session] = {}
+        self.v2_events: dict[str, dict[str, Any]] = {}  # by id, for GET /v2/core/events/{id}
         self._identifiers: dict[str, float] = {}
 
     # -- customers -------------------------------------------------------------------------
@@ -593,7 +594,9 @@ class StripeState:
     def error_report_event(self, meter_id: str) -> dict[str, Any]:
         """The `v1.billing.meter.error_report_triggered` event Stripe would send for this
         meter's error reports so far (fields as in stripe-python@v16.1.0:
-        stripe/events/_v1_billing_meter_error_report_triggered_event.py)."""
+        stripe/events/_v1_billing_meter_error_report_triggered_event.py), kept for
+        `GET /v2/core/events/{id}`: a webhook carries only the thin notification (id, type,
+        related_object), and the receiver fetches the event to read its `data`."""
         with self.lock:
             reports = [r for r in self.error_reports if r.meter_id == meter_id]
             by_code: dict[str, list[ErrorReport]] = defaultdict(list)
@@ -601,7 +604,7 @@ class StripeState:
                 by_code[report.code].append(report)
             now = self.clock.now()
             start = min((r.created for r in reports), default=now)
-            return {
+            event = {
                 "id": new_id("evt_test"),
                 "object": "v2.core.event",
                 "type": "v1.billing.meter.error_report_triggered",
@@ -637,6 +640,15 @@ class StripeState:
                     "validation_end": rfc3339(now),
                 },
             }
+            self.v2_events[event["id"]] = event
+            return event
+
+    def v2_event(self, event_id: str) -> dict[str, Any]:
+        with self.lock:
+            found = self.v2_events.get(event_id)
+            if found is None:
+                raise no_such("event", event_id)
+            return found
 
     def snapshot(self) -> dict[str, Any]:
         """Everything, as plain data (for a failing test's message)."""
