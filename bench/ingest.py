@@ -3,16 +3,17 @@ with dedupe and durable commits (fsync and synchronous_commit on), at several ba
 where the CPU goes (collector, PostgreSQL, load generator), on an empty database and on one
 that already holds history.
 
-History (`--preload N`): N events spread evenly over the 30 days before the run, written
-straight into the tables by SQL on the server (events, their dedupe keys, the hourly rollup and
-the month totals, as ingest and the maintenance would have left them; no HTTP), then VACUUM
-ANALYZE and a checkpoint, the same as on the empty database. Each preload gets a fresh database
-and collector. The events sent arrive as a gateway's do: times rising with the sequence, a few
-seconds of jitter, 500 consumers and 6 models.
+History (`--preload N`, bench/history.py): N events spread evenly over the 30 days before the
+run, written straight into the tables (no HTTP), then VACUUM ANALYZE and a checkpoint, the same
+as on the empty database. Each preload gets its own server, database and collector, all kept
+running; every round measures each batch size on each of them in turn, so a shared machine that
+slows down or speeds up weighs on all alike. The events sent arrive as a gateway's do: times
+rising with the sequence, a few seconds of jitter, 500 consumers and 6 models.
 
-Baseline, same run, same machine: PostgreSQL alone taking the same rows by COPY into a plain
-table (no HTTP, no validation, no dedupe, no rollups), so the figures read as ratios; the
-machine is shared, so compare ratios rather than absolute rates between runs.
+Baseline, same run: right after each measurement, PostgreSQL alone taking the same number of
+rows by COPY into a plain table on the same server (no HTTP, no validation, no dedupe, no
+rollups), so each figure also reads as a ratio; compare ratios rather than absolute rates
+between runs.
 
     make bench-ingest                      # 0 and 5 million stored, a few minutes
     .venv/bin/python -m bench.ingest --preload 0 1000000 --events 100000
@@ -22,30 +23,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from statistics import median
 from typing import Any
 
 import aiohttp
 import asyncpg
 import psutil
 
-from bench.stack import collector_stack
+from bench.history import CONSUMERS, MODELS, preload
+from bench.stack import Stack, collector_stack
 
-MODELS = [
-    ("openai", "gpt-4o-2024-08-06"),
-    ("openai", "gpt-4o-mini"),
-    ("openai", "gpt-4.1"),
-    ("openai", "o3-mini"),
-    ("anthropic", "claude-sonnet-4-20250514"),
-    ("anthropic", "claude-3-5-haiku-20241022"),
-]
-CONSUMERS = 500
-HISTORY = timedelta(days=30)
 SENT_PER_SECOND = 50_000  # how fast the sent events' times advance
 JITTER_SECONDS = 5.0
 
@@ -90,69 +84,16 @@ def make_events(count: int, seed: int, start: datetime) -> list[dict[str, Any]]:
     return events
 
 
-_PROVIDERS = ", ".join(f"'{p}'" for p, _ in MODELS)
-_MODEL_NAMES = ", ".join(f"'{m}'" for _, m in MODELS)
-# $1 events, evenly over [$2, $3); the rows look like make_events' (same consumers, models and
-# sizes). Keys by the collector's own digest (token_meter_event_key, migration 0006).
-PRELOAD_EVENTS = f"""
-INSERT INTO usage_events (time, source, id, consumer, consumer_id, consumer_username, route_name,
-    service_name, provider, model, status, streamed, input_tokens, output_tokens,
-    cached_input_tokens, cache_write_input_tokens, reasoning_tokens, total_tokens, latency_ms,
-    usage_missing, cost_nanos, price_book_version)
-SELECT $2::timestamptz + ($3::timestamptz - $2::timestamptz) * (g::float8 / $1::bigint),
-       'kong://dp-' || (g % 4) || '/token-meter', 'preload-' || g,
-       'customer-' || lpad((g * 7919 % {CONSUMERS})::text, 4, '0'), md5(g::text),
-       'customer-' || lpad((g * 7919 % {CONSUMERS})::text, 4, '0'), 'chat',
-       m.provider, m.provider, m.model, 200, g % 5 < 2,
-       t.input, t.output, 0, 0, 0, t.input + t.output, 1234.5, false,
-       t.input * 2500 + t.output * 10000, 'preload'
-FROM generate_series(0, $1::bigint - 1) AS g
-CROSS JOIN LATERAL (SELECT 20 + (g * 2654435761 % 7980) AS input,
-                           1 + (g * 40503 % 1999) AS output) AS t
-CROSS JOIN LATERAL (SELECT (ARRAY[{_PROVIDERS}])[1 + g % 6] AS provider,
-                           (ARRAY[{_MODEL_NAMES}])[1 + g % 6] AS model) AS m
-"""
-PRELOAD_ROLLUPS = """
-INSERT INTO dedupe_keys (time, key)
-SELECT time, token_meter_event_key(source, id) FROM usage_events;
-INSERT INTO consumers (consumer) SELECT DISTINCT consumer FROM usage_events ON CONFLICT DO NOTHING;
-INSERT INTO usage_hourly (consumer, model, hour, events, usage_missing_events, input_tokens,
-    output_tokens, cached_input_tokens, cache_write_input_tokens, reasoning_tokens, total_tokens,
-    cost_nanos)
-SELECT consumer, model, date_trunc('hour', time), count(*), 0, sum(input_tokens),
-       sum(output_tokens), 0, 0, 0, sum(total_tokens), sum(cost_nanos)
-FROM usage_events GROUP BY 1, 2, 3;
-INSERT INTO usage_monthly_closed (consumer, model, month, events, usage_missing_events,
-    input_tokens, output_tokens, cached_input_tokens, cache_write_input_tokens, reasoning_tokens,
-    total_tokens, cost_nanos)
-SELECT consumer, model, date_trunc('month', hour), sum(events), 0, sum(input_tokens),
-       sum(output_tokens), 0, 0, 0, sum(total_tokens), sum(cost_nanos)
-FROM usage_hourly WHERE hour < (SELECT closed_through FROM usage_rollup_state) GROUP BY 1, 2, 3;
-"""
-
-
-async def preload(url: str, count: int, until: datetime) -> float:
-    """Store `count` events over the HISTORY before `until`; returns the seconds it took."""
-    started = time.perf_counter()
-    conn = await asyncpg.connect(url, server_settings={"timezone": "UTC"})
-    try:
-        if count:
-            first, last = (until - HISTORY).date(), until.date()
-            await conn.execute("SELECT token_meter_ensure_key_partitions($1, $2)", first, last)
-            await conn.execute(PRELOAD_EVENTS, count, until - HISTORY, until)
-            await conn.execute(PRELOAD_ROLLUPS)
-        await conn.execute("VACUUM ANALYZE")
-        await conn.execute("CHECKPOINT")
-    finally:
-        await conn.close()
-    return time.perf_counter() - started
-
-
 @dataclass
 class CpuSample:
     collector: float
     postgres: float
     generator: float
+    machine_busy: float  # every process on the machine, ours too
+
+    @property
+    def ours(self) -> float:
+        return self.collector + self.postgres + self.generator
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -171,10 +112,12 @@ def postgres_cpu(postmaster: psutil.Process) -> float:
 
 
 def sample(collector: psutil.Process, postmaster: psutil.Process | None) -> CpuSample:
+    machine = psutil.cpu_times()
     return CpuSample(
         collector=cpu_seconds(collector),
         postgres=postgres_cpu(postmaster) if postmaster else float("nan"),
         generator=cpu_seconds(psutil.Process()),
+        machine_busy=float(sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)),
     )
 
 
@@ -236,82 +179,139 @@ async def copy_baseline(url: str, events: list[dict[str, Any]]) -> float:
 
 
 @dataclass
-class Run:
-    """One preload's figures: events/s per batch size and the same run's bare COPY."""
+class Measured:
+    """One batch size on one database, one round."""
 
-    preload: int
-    rates: dict[int, float]
-    baseline: float
+    rate: float  # events/s
+    baseline: float  # rows/s of the bare COPY right after, on the same server
+    cpu: float  # µs of CPU per event: collector, PostgreSQL and load generator
+
+    @property
+    def vs_copy(self) -> float:
+        return self.rate / self.baseline
 
 
-async def measure(args: argparse.Namespace, stored: int) -> Run:
-    async with collector_stack(args, ("collector",)) as stack:
-        url = stack.database_url
-        postmaster = psutil.Process(stack.postmaster_pid) if stack.postmaster_pid else None
-        proc = psutil.Process(stack.collector_pids[0])
-        now = datetime.now(UTC)
-        seconds = await preload(url, stored, now - timedelta(minutes=5))
-        print(f"\n== {stored:,} events stored (preloaded in {seconds:.0f} s) ==")
-        header = (
-            f"{'batch':>6} {'events/s':>10} {'seconds':>8}  "
-            f"{'cpu collector':>14} {'cpu postgres':>13} {'cpu loadgen':>12} {'pg µs/event':>12}"
+@dataclass
+class Target:
+    """A database with `stored` events already in it, and its collector."""
+
+    stored: int
+    stack: Stack
+    collector: psutil.Process
+    postmaster: psutil.Process | None
+    results: dict[int, list[Measured]] = field(default_factory=dict)  # per batch size
+
+
+HEADER = (
+    f"{'stored':>10} {'batch':>6} {'events/s':>9} {'x COPY':>7}  {'cpu collector':>14}"
+    f" {'cpu postgres':>13} {'cpu loadgen':>12}  {'µs/event: collector':>19} {'postgres':>8}"
+    f" {'all':>5} {'others':>7}"
+)
+
+
+async def measure(args: argparse.Namespace, target: Target, batch_size: int, seed: int) -> None:
+    events = make_events(args.events, seed, datetime.now(UTC) - timedelta(seconds=10))
+    bodies = [
+        json.dumps(events[i : i + batch_size]).encode() for i in range(0, len(events), batch_size)
+    ]
+    before = sample(target.collector, target.postmaster)
+    started = time.perf_counter()
+    accepted = await send_all(
+        f"{target.stack.urls[0]}/v1/events", target.stack.ingest_token, bodies, args.concurrency
+    )
+    elapsed = time.perf_counter() - started
+    after = sample(target.collector, target.postmaster)
+    assert accepted == len(events), (accepted, len(events))
+    baseline = await copy_baseline(
+        target.stack.database_url, make_events(args.events, -seed, now())
+    )
+    c = after.collector - before.collector
+    p = after.postgres - before.postgres
+    g = after.generator - before.generator
+    total = c + p + g
+    m = Measured(accepted / elapsed, baseline, total / accepted * 1e6)
+    target.results.setdefault(batch_size, []).append(m)
+    others = (after.machine_busy - before.machine_busy) - total
+    print(
+        f"{target.stored:>10,} {batch_size:>6} {m.rate:>9,.0f} {m.vs_copy:>7.3f}  "
+        f"{c:>7.2f}s {c / total:>5.0%} {p:>6.2f}s {p / total:>5.0%} "
+        f"{g:>5.2f}s {g / total:>5.0%}  {c / accepted * 1e6:>19.1f}"
+        f" {p / accepted * 1e6:>8.1f} {m.cpu:>5.1f} {max(others, 0.0):>6.1f}s"
+    )
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def report(targets: list[Target], cores: int) -> None:
+    batches = list(targets[0].results)
+    print(
+        "\n== summary, medians of the rounds: events/s (x the bare COPY measured right after"
+        " on the same server) [CPU µs per event, collector + PostgreSQL + load generator] =="
+    )
+    print(f"{'stored':>12} " + " ".join(f"{'batch ' + str(b):>32}" for b in batches))
+    for t in targets:
+        cells = []
+        for b in batches:
+            rate = median(m.rate for m in t.results[b])
+            vs = median(m.vs_copy for m in t.results[b])
+            cells.append(f"{rate:,.0f} ({vs:.3f} x) [{median(m.cpu for m in t.results[b]):.1f}]")
+        print(f"{t.stored:>12,} " + " ".join(f"{c:>32}" for c in cells))
+    print(
+        f"CPU-bound ceiling on {cores} idle cores (cores / CPU per event), events/s: "
+        + "; ".join(
+            f"{t.stored:,} stored "
+            + ", ".join(
+                f"{cores / median(m.cpu for m in t.results[b]) * 1e6:,.0f}" for b in batches
+            )
+            for t in targets
         )
-        print(header)
-        print("-" * len(header))
-        rates = {}
-        for seed, batch_size in enumerate(args.batch_sizes):
-            events = make_events(args.events, seed + 1, datetime.now(UTC) - timedelta(seconds=10))
-            bodies = [
-                json.dumps(events[i : i + batch_size]).encode()
-                for i in range(0, len(events), batch_size)
-            ]
-            before = sample(proc, postmaster)
-            started = time.perf_counter()
-            accepted = await send_all(
-                f"{stack.urls[0]}/v1/events", stack.ingest_token, bodies, args.concurrency
-            )
-            elapsed = time.perf_counter() - started
-            after = sample(proc, postmaster)
-            assert accepted == len(events), (accepted, len(events))
-            rates[batch_size] = rate = accepted / elapsed
-            c = after.collector - before.collector
-            p = after.postgres - before.postgres
-            g = after.generator - before.generator
-            total = c + p + g
-            print(
-                f"{batch_size:>6} {rate:>10,.0f} {elapsed:>8.2f}  "
-                f"{c:>7.2f}s {c / total:>5.0%} {p:>6.2f}s {p / total:>5.0%} "
-                f"{g:>5.2f}s {g / total:>5.0%} {p / accepted * 1e6:>12.1f}"
-            )
-        baseline = await copy_baseline(url, make_events(args.events, 99, now))
-        print(f"baseline, bare COPY of the same rows (batches of 5000): {baseline:,.0f} rows/s")
-        return Run(stored, rates, baseline)
-
-
-def report(runs: list[Run]) -> None:
-    print("\n== summary: events/s (x bare COPY of the same run) ==")
-    print(f"{'stored':>12} " + " ".join(f"{'batch ' + str(b):>22}" for b in runs[0].rates))
-    for run in runs:
-        cells = [f"{rate:>9,.0f} ({rate / run.baseline:.3f} x)" for rate in run.rates.values()]
-        print(f"{run.preload:>12,} " + " ".join(f"{c:>22}" for c in cells))
-    empty = next((r for r in runs if r.preload == 0), None)
-    if empty is None:
-        return
-    for run in runs:
-        if run is empty:
+    )
+    empty = next((t for t in targets if t.stored == 0), None)
+    for t in targets:
+        if empty is None or t is empty:
             continue
-        ratios = ", ".join(
-            f"batch {b}: {run.rates[b] / empty.rates[b]:.2f}"
-            f" ({(run.rates[b] / run.baseline) / (empty.rates[b] / empty.baseline):.2f} vs COPY)"
-            for b in run.rates
-        )
-        print(f"{run.preload:,} stored / empty: {ratios}")
+        # Each round measured both databases one after the other: ratios within a round.
+        parts = []
+        for b in batches:
+            pairs = list(zip(t.results[b], empty.results[b], strict=True))
+            parts.append(
+                f"batch {b}: {median(x.rate / e.rate for x, e in pairs):.2f}"
+                f" (vs COPY {median(x.vs_copy / e.vs_copy for x, e in pairs):.2f},"
+                f" CPU per event {median(e.cpu / x.cpu for x, e in pairs):.2f})"
+            )
+        print(f"{t.stored:,} stored / empty, median of the rounds' ratios: " + ", ".join(parts))
 
 
 async def run(args: argparse.Namespace) -> None:
-    print(f"events per batch size: {args.events:,}; concurrency: {args.concurrency}")
-    runs = [await measure(args, stored) for stored in args.preload]
-    report(runs)
+    print(
+        f"events per measurement: {args.events:,}; concurrency: {args.concurrency};"
+        f" rounds: {args.rounds}"
+    )
+    async with contextlib.AsyncExitStack() as stacks:
+        targets = []
+        for stored in args.preload:
+            stack = await stacks.enter_async_context(collector_stack(args, ("collector",)))
+            postmaster = psutil.Process(stack.postmaster_pid) if stack.postmaster_pid else None
+            seconds = await preload(stack.database_url, stored, now() - timedelta(minutes=5))
+            print(f"{stored:,} events stored (preloaded in {seconds:.0f} s)")
+            targets.append(
+                Target(stored, stack, psutil.Process(stack.collector_pids[0]), postmaster)
+            )
+        # Interleaved: every round measures each batch size on every database in turn, so a
+        # machine that slows down or speeds up (it is shared) weighs on all alike.
+        print()
+        print(HEADER)
+        print("-" * len(HEADER))
+        seed = 1
+        for _ in range(args.rounds):
+            for batch_size in args.batch_sizes:
+                for target in targets:
+                    await measure(args, target, batch_size, seed)
+                    seed += 1
+        print("others: CPU seconds of the machine's other processes meanwhile")
+        report(targets, psutil.cpu_count() or 1)
 
 
 def main() -> None:
@@ -327,6 +327,7 @@ def main() -> None:
         metavar="N",
         help="events already stored, one run each (default: 0 and 5 million)",
     )
+    parser.add_argument("--rounds", type=int, default=3, help="measurements of each, interleaved")
     parser.add_argument("--database-url", help="an existing PostgreSQL (admin URL)")
     asyncio.run(run(parser.parse_args()))
 

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -128,3 +129,5 @@ async def collector_stack(args: argparse.Namespace, names: tuple[str, ...]) -> A
             proc.wait(30)
         if embedded is not None:
             embedded.stop()
+            # The server's files (gigabytes after bench.ingest --preload); the logs stay.
+            shutil.rmtree(tmp / "pgdata", ignore_errors=True)

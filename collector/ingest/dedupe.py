@@ -16,22 +16,23 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import asyncpg
+import structlog
 
 PRUNE_MARGIN = timedelta(days=1)
 PRUNE_BATCH = 10_000
 # Partitions made ahead: yesterday (a collector whose clock is behind) to the day after tomorrow
 # (events may be up to 24 hours in the future).
 DAYS_BEHIND, DAYS_AHEAD = 1, 2
-# Dropping a partition locks the whole table for a moment: rather than queue ingest behind a
-# long transaction, give up and try at the next maintenance.
-DROP_LOCK_TIMEOUT = "2s"
+# Dropping a partition locks the whole table for a moment (once a day): it waits for the ingest
+# transactions in flight, and new ones wait behind it. Rather than hold ingest back behind a long
+# transaction, give up after this and try at the next maintenance.
+DROP_LOCK_TIMEOUT = "500ms"
+# A gateway has a few sources (its data planes); the prefixes of more are made afresh.
+SOURCES_REMEMBERED = 1024
 _DAY_PARTITION = re.compile(r"^dedupe_keys_(\d{8})$")
-
-
-SOURCES_REMEMBERED = (
-    1024  # a gateway has a few sources (its data planes); any more are hashed afresh
-)
 _source_prefixes: dict[str, bytes] = {}
+
+log = structlog.get_logger("token_meter.ingest")
 
 
 def event_key(source: str, event_id: str) -> bytes:
@@ -47,15 +48,42 @@ def event_key(source: str, event_id: str) -> bytes:
     return hashlib.sha256(prefix + event_id.encode("utf-8", "surrogatepass")).digest()[:16]
 
 
+# Any fixed 64-bit number, the one token_meter_ensure_key_partitions (migration 0006) takes:
+# collectors making partitions at once take turns.
+PARTITIONS_LOCK_ID = 7310312979478672500
+
+
 async def ensure_key_partitions(conn: asyncpg.Connection, now: datetime) -> int:
-    """Daily partitions around `now` (UTC); returns how many were made."""
+    """Daily partitions around `now` (UTC); returns how many were made. Each is made on its own
+    and then attached: attaching takes a lock that ingest's inserts do not wait for, where
+    CREATE TABLE ... PARTITION OF (migration 0006's token_meter_ensure_key_partitions, for a
+    database nobody writes to yet) would hold every insert back until the transactions in
+    flight end. A day whose keys already sit in the default partition keeps them there."""
     today = now.astimezone(UTC).date()
-    made = await conn.fetchval(
-        "SELECT token_meter_ensure_key_partitions($1, $2)",
-        today - timedelta(days=DAYS_BEHIND),
-        today + timedelta(days=DAYS_AHEAD),
-    )
-    return int(made)
+    made = 0
+    for n in range(-DAYS_BEHIND, DAYS_AHEAD + 1):
+        day = today + timedelta(days=n)
+        name = f"dedupe_keys_{day:%Y%m%d}"
+        if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
+            continue
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITIONS_LOCK_ID)
+                if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", name):
+                    continue  # another collector made it meanwhile
+                await conn.execute(f"CREATE TABLE {name} (LIKE dedupe_keys)")
+                await conn.execute(
+                    f"ALTER TABLE dedupe_keys ATTACH PARTITION {name}"
+                    f" FOR VALUES FROM ('{_day_start(day).isoformat()}')"
+                    f" TO ('{_day_start(day + timedelta(days=1)).isoformat()}')"
+                )
+        except asyncpg.CheckViolationError:
+            log.warning(
+                "dedupe_partition_not_made", partition=name, reason="default holds its keys"
+            )
+            continue
+        made += 1
+    return made
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,9 @@ from msgspec import Meta
 
 MAX_TOKENS = 100_000_000  # no single AI request comes near this; larger is a broken sender
 MAX_FUTURE_SKEW = timedelta(hours=24)
-# Dedupe keys are kept this long after they arrive; an event older than that is refused rather
-# than risk counting a replay twice (see prune_dedupe_keys). Far longer than a plugin's spool holds.
+# Dedupe keys are kept until their event's time is this old (and a day more); an event older than
+# that is refused rather than risk counting a replay twice (see dedupe.py). Far longer than a
+# plugin's spool holds.
 DEFAULT_DEDUPE_HORIZON = timedelta(days=90)
 
 Tokens = Annotated[int, Meta(ge=0, le=MAX_TOKENS)]

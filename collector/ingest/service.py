@@ -8,7 +8,9 @@ concurrent transactions would queue on those row locks and each pay for its own 
 taking everything that is waiting pays the rollup upserts and the commit once for all of them.
 Two writers (the default) overlap: one copies and dedupes its events while the other updates
 rollups and commits; both take rollup rows in key order, so they wait for, never deadlock with,
-each other. Each request is answered only after the commit that holds its events, so an
+each other. A transaction also takes the requests that arrive while its rows are being copied:
+the higher the load, the fewer and larger the transactions, and the fewer rollup rows updated
+per event. Each request is answered only after the commit that holds its events, so an
 acknowledged event is durable."""
 
 from __future__ import annotations
@@ -27,7 +29,17 @@ import structlog
 from ..observability import Metrics
 from .events import DEFAULT_DEDUPE_HORIZON, ParsedBatch, Rejection, UsageEvent, parse_batch
 from .fresh import FreshUsageListener, Pricing
-from .store import StagedEvents, StoredEvents, StoreResult, join_staged, stage_events, store_events
+from .store import (
+    StagedEvents,
+    StoredEvents,
+    StoreResult,
+    begin_store,
+    copy_staged,
+    finish_store,
+    join_staged,
+    joins,
+    stage_events,
+)
 
 log = structlog.get_logger("token_meter.ingest")
 
@@ -72,6 +84,18 @@ class IngestOutcome:
             "duplicates": self.duplicates,
             "rejected": [{"index": r.index, "id": r.id, "reason": r.reason} for r in self.rejected],
         }
+
+
+@dataclass(slots=True)
+class _Group:
+    """The requests of a writer's next transaction."""
+
+    carried: list[_Pending] = field(default_factory=list)  # could not join the last one
+    stopping: bool = False  # the writer's stop signal was taken
+    requests: list[_Pending] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.requests, self.carried = self.carried, []
 
 
 @dataclass(slots=True)
@@ -158,44 +182,84 @@ class IngestService:
         return outcome
 
     async def _write_forever(self) -> None:
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                return
-            group = [first]
-            count = len(first.events)
-            while not self._queue.empty() and count < self.max_events_per_transaction:
-                pending = self._queue.get_nowait()
-                if pending is None:  # this writer stops after storing what it took
-                    stopping = True
-                    break
-                group.append(pending)
-                count += len(pending.events)
+        group = _Group()
+        while True:
+            if not group.requests:
+                if group.stopping:
+                    return
+                first = await self._queue.get()
+                if first is None:
+                    return
+                group.requests.append(first)
+            self._take_waiting(group, joining=None)
+            requests = group.requests
             try:
                 results = await self._store(group)
             except asyncio.CancelledError:
-                for p in group:
+                for p in requests:
                     p.done.cancel()
                 raise
             except Exception as exc:  # the writer must outlive any failure
-                log.exception("ingest_transaction_failed", requests=len(group), events=count)
-                for p in group:
+                log.exception(
+                    "ingest_transaction_failed",
+                    requests=len(requests),
+                    events=sum(len(p.events) for p in requests),
+                )
+                for p in requests:
                     if not p.done.done():
                         p.done.set_exception(exc)
-                continue
-            self.metrics.transaction_requests.observe(len(group))
-            for p, result in zip(group, results, strict=True):
-                if not p.done.done():  # the request may have been cancelled by its client
-                    p.done.set_result(result)
+            else:
+                self.metrics.transaction_requests.observe(len(requests))
+                for p, result in zip(requests, results, strict=True):
+                    if not p.done.done():  # the request may have been cancelled by its client
+                        p.done.set_result(result)
+            group = _Group(group.carried, group.stopping)
 
-    async def _store(self, group: list[_Pending]) -> list[StoreResult]:
+    def _take_waiting(self, group: _Group, joining: StagedEvents | None) -> list[_Pending]:
+        """Move requests waiting now into `group`, up to the events a transaction holds; with
+        `joining` (rows already copied), only while each can join them (else it is carried to the
+        group's next transaction). Returns those taken."""
+        taken: list[_Pending] = []
+        count = sum(len(p.events) for p in group.requests)
+        keys = set(joining.keys) if joining is not None else set()
+        while not group.carried and not group.stopping and count < self.max_events_per_transaction:
+            try:
+                pending = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if pending is None:  # this writer stops after storing what it took
+                group.stopping = True
+                break
+            if joining is not None:
+                if not joins(keys, pending.staged, joining.book):
+                    group.carried.append(pending)
+                    break
+                keys |= pending.staged.keys
+            group.requests.append(pending)
+            taken.append(pending)
+            count += len(pending.events)
+        return taken
+
+    async def _store(self, group: _Group) -> list[StoreResult]:
+        """Store the group's requests in one transaction, with those that arrive while its rows
+        are copied (more, larger transactions when load is high, and none waiting for a later
+        one that could have joined this)."""
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
                     book = self.pricing() if self.pricing is not None else None
-                    staged = join_staged([p.staged for p in group], [p.events for p in group], book)
-                    stored = await store_events(
+                    requests = group.requests
+                    staged = join_staged(
+                        [p.staged for p in requests], [p.events for p in requests], book
+                    )
+                    await begin_store(conn)
+                    await copy_staged(conn, staged)
+                    while more := self._take_waiting(group, joining=staged):
+                        part = join_staged([p.staged for p in more], [p.events for p in more], book)
+                        await copy_staged(conn, part)
+                        requests = group.requests
+                        staged = join_staged([staged, part], [p.events for p in requests], book)
+                    stored = await finish_store(
                         conn,
                         staged,
                         skip_known=self._skip_known_left > 0,

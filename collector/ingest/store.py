@@ -10,7 +10,8 @@ Duplicates are rare (a plugin re-sends a batch whose answer it lost), so the sta
 runs as if there were none: plain inserts, which cost far less than ON CONFLICT and a join back
 to the new rows. A key already stored makes it fail (unique violation) and roll back to a
 savepoint; the same rows then go through the statement that skips known keys. Each request's
-rows and tally are made as it arrives (stage_events), while it waits for a writer."""
+rows and tally are made as it arrives (stage_events), while it waits for a writer; a transaction
+may copy several requests' rows in turn (copy_staged) before it stores them (finish_store)."""
 
 from __future__ import annotations
 
@@ -82,9 +83,8 @@ _SUMS = ", ".join(
 )
 # From the rows that are new (`{fresh}`): the raw events, the consumers not known to exist ($1,
 # in order), the hourly rollup, and the month-so-far totals for hours already closed (rare: late
-# events). Rows are taken in key
-# order so transactions of collectors sharing a database lock rollup rows in the same order and
-# wait rather than deadlock.
+# events). Rows are taken in key order so transactions of collectors sharing a database lock
+# rollup rows in the same order and wait rather than deadlock.
 _STORE_FRESH = f"""stored AS (
     INSERT INTO usage_events ({EVENT_COLUMNS}) SELECT {EVENT_COLUMNS} FROM {{fresh}}
 ), grown AS (
@@ -115,7 +115,7 @@ SELECT time, key FROM staging_events WHERE false
 
 # Some keys may be stored: those are skipped; answers with the keys of the duplicates. Keys in a
 # transaction are unique already (see stage_events), so the new ones join back to their rows
-# without a DISTINCT, by a hash join (see store_events).
+# without a DISTINCT, by a hash join (see BEGIN_STORE).
 STORE_SKIPPING_KNOWN = f"""WITH new_keys AS (
     INSERT INTO dedupe_keys (time, key) SELECT time, key FROM staging_events ORDER BY time, key
     ON CONFLICT DO NOTHING
@@ -243,24 +243,32 @@ def stage_events(
     return StagedEvents(records, owners, [len(e) for e in requests], tally, keys, pricing)
 
 
+def joins(keys: set[bytes], part: StagedEvents, pricing: Pricing | None) -> bool:
+    """Whether `part` can join rows of `keys` priced by `pricing` as they are: it holds none of
+    their events and the same book priced it."""
+    return part.book is pricing and keys.isdisjoint(part.keys)
+
+
 def join_staged(
     parts: Sequence[StagedEvents],
     requests: Sequence[Sequence[UsageEvent]],
     pricing: Pricing | None,
 ) -> StagedEvents:
-    """The staged requests of one transaction as one, priced by `pricing`. Staged apart, two
-    requests may hold the same event, or a reload may have swapped the book between them: then
-    (rarely) the requests are staged again together."""
+    """The staged requests of one transaction as one, priced by `pricing` (`requests` are all
+    their events, in order). Staged apart, two requests may hold the same event, or a reload may
+    have swapped the book between them: then (rarely) the requests are staged again together."""
     if len(parts) == 1 and parts[0].book is pricing:
         return parts[0]
     keys: set[bytes] = set()
     for part in parts:
-        if part.book is not pricing or not keys.isdisjoint(part.keys):
+        if not joins(keys, part, pricing):
             return stage_events(requests, pricing)
         keys |= part.keys
     owners: list[int] = []
-    for request, part in enumerate(parts):
-        owners += [request] * len(part.records)
+    first = 0  # the first request of the part, in the joined numbering
+    for part in parts:
+        owners += [first + owner for owner in part.owners]
+        first += len(part.sizes)
     return StagedEvents(
         [r for part in parts for r in part.records],
         owners,
@@ -280,24 +288,34 @@ def tally_new(staged: StagedEvents, duplicates: Duplicates) -> UsageTally:
     return tally
 
 
-async def store_events(
+async def begin_store(conn: asyncpg.Connection) -> None:
+    """First in the transaction, before any copy_staged."""
+    await conn.execute(BEGIN_STORE)
+
+
+async def copy_staged(conn: asyncpg.Connection, staged: StagedEvents) -> None:
+    """Stage rows; a transaction may copy several parts (joined afterwards for finish_store)."""
+    if staged.records:
+        await conn.copy_records_to_table(
+            "staging_events", records=staged.records, columns=COPY_COLUMNS
+        )
+
+
+async def finish_store(
     conn: asyncpg.Connection,
     staged: StagedEvents,
     *,
     skip_known: bool = False,
     known_consumers: Container[str] = frozenset(),
 ) -> StoredEvents:
-    """Store staged events durably, one result per request, and sum up the new ones per
-    consumer. Run it inside a transaction: the caller's commit is what makes the events
-    acknowledged. `skip_known` goes straight to the statement that looks for duplicates (the
-    caller saw some lately); `known_consumers` have a row already (committed), so none is
-    inserted for them."""
+    """Store the staged events (all of `staged` copied) durably, one result per request, and sum
+    up the new ones per consumer. The caller's commit is what makes the events acknowledged.
+    `skip_known` goes straight to the statement that looks for duplicates (the caller saw some
+    lately); `known_consumers` have a row already (committed), so none is inserted for them."""
     records, tally = staged.records, staged.tally
     if not records:
         return StoredEvents([StoreResult(0, size) for size in staged.sizes], [], [])
     new_consumers = sorted(c for c in tally.consumers() if c not in known_consumers)
-    await conn.execute(BEGIN_STORE)
-    await conn.copy_records_to_table("staging_events", records=records, columns=COPY_COLUMNS)
     if not skip_known:
         try:
             await conn.fetch(STORE_ALL_NEW, new_consumers)
@@ -306,9 +324,7 @@ async def store_events(
             # Back to before the COPY (one round trip less on the usual way than a savepoint
             # after it), and the rows staged again.
             await conn.execute("ROLLBACK TO SAVEPOINT staged")
-            await conn.copy_records_to_table(
-                "staging_events", records=records, columns=COPY_COLUMNS
-            )
+            await copy_staged(conn, staged)
     duplicates: Duplicates = set()
     if skip_known:
         found = await conn.fetch(STORE_SKIPPING_KNOWN, new_consumers)

@@ -20,6 +20,7 @@ from tests.collector.accounts_api import put_consumer
 from tests.collector.test_collector_process import post as post_to
 from tests.conftest import RunningCollector, make_settings, run_collector_app
 from tests.factories import usage_event
+from token_meter_collector.database import maintain
 from token_meter_collector.ingest.dedupe import event_key
 from token_meter_collector.keys import POOL
 from token_meter_collector.usage.rollups import close_hours, hour_floor
@@ -278,3 +279,25 @@ async def test_the_quota_reads_the_month_as_hours_are_closed(
         assert await db.fetchval(blocked) == 1
         _, usage = await collector.usage("ann")
         assert usage["quota_remaining_tokens"] == 0
+
+
+async def test_a_round_of_maintenance_changes_no_total(
+    collector: RunningCollector, db: asyncpg.Connection
+) -> None:
+    """Partitions made ahead, keys past the horizon pruned, hours closed: totals unchanged, and
+    a second round finds nothing to do."""
+    assert collector.app is not None
+    now = datetime.now(UTC)
+    await db.execute(
+        "UPDATE usage_rollup_state SET closed_through = $1", hour_floor(now) - timedelta(hours=3)
+    )
+    events = random_events(random.Random(8), 300, now, "maintained")
+    await collector.post_events(events)
+    done = await maintain(collector.app[POOL], timedelta(days=90))
+    assert done.hours_closed >= 2
+    today = now.date()
+    for day in (today, today + timedelta(days=1), today + timedelta(days=2)):
+        assert await db.fetchval("SELECT to_regclass($1)", f"dedupe_keys_{day:%Y%m%d}")
+    await check_exact(collector, db, events)
+    again = await maintain(collector.app[POOL], timedelta(days=90))
+    assert (again.hours_closed, bool(again.pruned)) == (0, False)
