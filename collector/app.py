@@ -89,6 +89,23 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             # The sender hung up before its body was in (aiohttp's "Connection lost"): no one
             # to answer and nothing stored; counted as 499, nginx's "client closed request".
             response = Problem(499, "client-closed-request", "Client closed request").response()
+        elif POOL in request.app and (down := await _database_failure(request.app)) is not None:
+            # Not a bug of ours: PostgreSQL is stopped, restarting or unreachable. A 503 says
+            # "retry later" (the plugin keeps the batch and retries it either way).
+            log.warning(
+                "database_unavailable",
+                method=request.method,
+                path=request.path,
+                error=type(exc).__name__,
+                database=type(down).__name__,
+            )
+            response = Problem(
+                503,
+                "database-unavailable",
+                "Database unavailable",
+                "the database does not answer; send the request again later",
+                headers={"Retry-After": "1"},
+            ).response()
         else:
             log.exception("request_failed", method=request.method, path=request.path)
             response = Problem(500, "internal-error", "Internal server error").response()
@@ -145,6 +162,23 @@ async def body_deadline_middleware(request: web.Request, handler: Handler) -> we
         timer.cancel()
 
 
+def connection_deadlines(settings: Settings) -> dict[str, float]:
+    """The connection handler's options that bound what a client makes us wait for before
+    any middleware runs: its request headers, and an idle keep-alive connection.
+
+    aiohttp has no deadline for the headers as such, but its keep-alive timer is one: it is
+    armed when a connection opens and again after each answer, and it closes the connection
+    when it fires while no complete request head has arrived, however many bytes of one did
+    (aiohttp@3.14.5:aiohttp/web_protocol.py, `connection_made`, `_process_keepalive`; bytes
+    received do not re-arm it). So TOKEN_METER_BODY_TIMEOUT bounds the headers too: they must
+    be in within that many seconds of the connection opening or of the previous answer, and a
+    connection idle that long is closed (no answer: there is no request to answer). Given as
+    the app's `handler_args`, which override the runner's, so `web.run_app` (75 s by default)
+    and a test's `AppRunner` (3630 s) get the same. The bytes a head may have stay aiohttp's:
+    8190 per line, 128 header fields (400 or 431 from its parser, text/plain)."""
+    return {"keepalive_timeout": settings.body_timeout}
+
+
 def _hide_server_software() -> None:
     """aiohttp names itself and Python, versions included, in the `Server` header of every
     answer (aiohttp@3.14.5:aiohttp/web_response.py, `headers.setdefault(hdrs.SERVER,
@@ -170,14 +204,22 @@ async def healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
+async def _database_failure(app: web.Application) -> Exception | None:
+    """Why the database does not answer a trivial query now (None: it answers)."""
     try:
         async with asyncio.timeout(READINESS_TIMEOUT):
-            async with request.app[POOL].acquire() as conn:
+            async with app[POOL].acquire() as conn:
                 await conn.fetchval("SELECT 1")
     except Exception as exc:
+        return exc
+    return None
+
+
+async def readyz(request: web.Request) -> web.Response:
+    failure = await _database_failure(request.app)
+    if failure is not None:
         return web.json_response(
-            {"status": "unavailable", "database": type(exc).__name__}, status=503
+            {"status": "unavailable", "database": type(failure).__name__}, status=503
         )
     return web.json_response({"status": "ready", "database": "ok"})
 
@@ -305,6 +347,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         middlewares=[problem_middleware, body_deadline_middleware],
         client_max_size=settings.max_batch_bytes,
+        handler_args=connection_deadlines(settings),
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics()

@@ -7,12 +7,17 @@ debug logging is on (defect 5), and a watchdog that ends the whole process when 
 (Kong's nginx worker) goes away (defect 6). It also announces the server's pid on every
 connection, which kong-pdk never does. A method `plugin.HandleEvent` is dispatched to the
 plugin server's `handle_event`, and so on.
+
+With `listen_fd` (a serving process under the supervisor, plugin/supervisor.py) it accepts on the
+listening socket it inherited instead of binding one, in both modes, and leaves the socket file
+alone: the supervisor made it and removes it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import socketserver
 import threading
 import time
@@ -81,6 +86,7 @@ class GuardedRpcServer(UnixStreamServer):  # type: ignore[misc]
         use_gevent: bool,
         listen_queue_size: int,
         on_parent_exit: Callable[[str], None],
+        listen_fd: int | None = None,
     ) -> None:
         super().__init__(
             plugin_server,
@@ -91,6 +97,7 @@ class GuardedRpcServer(UnixStreamServer):  # type: ignore[misc]
         )
         self._methods: dict[str, Callable[..., Any]] = {}
         self._on_parent_exit = on_parent_exit
+        self._listen_fd = listen_fd
 
     def _method(self, name: str) -> Callable[..., Any] | None:
         fn = self._methods.get(name)
@@ -150,13 +157,28 @@ class GuardedRpcServer(UnixStreamServer):  # type: ignore[misc]
         return [1, msgid, None, result]
 
     def serve_forever(self) -> None:
-        Path(self.path).unlink(missing_ok=True)
+        inherited = self._listen_fd is not None
+        if self._listen_fd is None:
+            Path(self.path).unlink(missing_ok=True)
+        else:
+            # Nothing this process starts gets the supervisor's socket.
+            os.set_inheritable(self._listen_fd, False)
         start_parent_watchdog(self._on_parent_exit)
         if self.use_gevent:
-            listener = gsocket.socket(gsocket.AF_UNIX, gsocket.SOCK_STREAM)
-            listener.bind(self.path)
-            listener.listen(self.listen_queue_size)
-            log.info("server_started mode=gevent path=%s", self.path)
+            if self._listen_fd is None:
+                listener = gsocket.socket(gsocket.AF_UNIX, gsocket.SOCK_STREAM)
+                listener.bind(self.path)
+                listener.listen(self.listen_queue_size)
+            else:
+                listener = gsocket.socket(
+                    gsocket.AF_UNIX, gsocket.SOCK_STREAM, fileno=self._listen_fd
+                )
+            log.info(
+                "server_started mode=gevent path=%s pid=%s inherited=%s",
+                self.path,
+                os.getpid(),
+                inherited,
+            )
             GStreamServer(listener, self.handle).serve_forever()
         else:
             # socketserver calls its "handler class" with (request, address, server): a method
@@ -166,9 +188,20 @@ class GuardedRpcServer(UnixStreamServer):  # type: ignore[misc]
                 self.handle,  # type: ignore[arg-type]
                 bind_and_activate=False,
             )
-            server.server_bind()
-            server.socket.listen(self.listen_queue_size)
-            log.info("server_started mode=threading path=%s", self.path)
+            if self._listen_fd is None:
+                server.server_bind()
+                server.socket.listen(self.listen_queue_size)
+            else:
+                server.socket.close()  # the unbound one socketserver made
+                server.socket = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_STREAM, fileno=self._listen_fd
+                )
+            log.info(
+                "server_started mode=threading path=%s pid=%s inherited=%s",
+                self.path,
+                os.getpid(),
+                inherited,
+            )
             server.serve_forever(poll_interval=0.5)
 
 

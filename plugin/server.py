@@ -4,7 +4,13 @@ Each is a dedicated kong-pdk server for one plugin (Kong 3.9 keeps only the firs
 server reports), with kong-pdk's embedded-server flags and Kong's defaults:
 
     token-meter-plugin -dump                       # Kong's query command: plugin info as JSON
-    token-meter-plugin [-p PREFIX] [--socket-name NAME] [-g] [-v]
+    token-meter-plugin [-p PREFIX] [--socket-name NAME] [-g] [-v] [--no-supervisor]
+
+The process Kong starts is a supervisor (plugin/supervisor.py) that binds the socket and runs the
+serving process, this module's `serve`, on the inherited listening descriptor: a serving process
+that dies is replaced while Kong's connects wait in the backlog. `--no-supervisor` serves in the
+process Kong started, binding the socket itself, as before. This module imports kong-pdk, gevent
+and the plugin only in the serving process, so the supervisor stays small.
 
 The socket is `<prefix>/<plugin name>.socket`, which is where Kong 3.9 looks by default
 (kong-pdk would say `<name>.sock`, and the mismatch makes Kong spin: Kong/kong#9733). Served in
@@ -30,8 +36,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from kong_pdk.module import Module
-
 from .config import (
     DEFAULT_KONG_PREFIX,
     PHASES,
@@ -41,14 +45,18 @@ from .config import (
     set_kong_prefix,
 )
 from .config import plugin_version as _plugin_version
-from .event_channel import HANDLER_TIMEOUT_S
-from .plugin_server import GuardedPluginServer
-from .rpc import GuardedRpcServer
+from .supervisor import LISTEN_FD_OPTION, Supervisor
 
 log = logging.getLogger("token_meter_plugin")
 
 DEFAULT_PREFIX: Final = DEFAULT_KONG_PREFIX + "/"
 SHUTDOWN_GRACE_S: Final = 6.0
+# event_channel.HANDLER_TIMEOUT_S, repeated so that the supervisor does not import kong-pdk
+# (tests/unit/test_supervisor.py checks that they agree).
+HANDLER_TIMEOUT_S: Final = 50.0
+# How the supervisor starts a serving process (plugin/serving.py), given the plugin's name, Kong's
+# arguments and `--listen-fd N`.
+SERVING_MODULE: Final = "token_meter_plugin.serving"
 
 _shutdown_hooks: list[Callable[[], None]] = []
 _shutdown_lock = threading.Lock()
@@ -118,6 +126,15 @@ def parse_args(plugin_name: str, argv: Sequence[str] | None = None) -> argparse.
         help="accepted for compatibility: Python-style PDK returns are always used",
     )
     parser.add_argument("--dump", "-dump", action="store_true", help="print plugin info as JSON")
+    parser.add_argument(
+        "--no-supervisor",
+        action="store_true",
+        dest="no_supervisor",
+        help="serve in this process, binding the socket itself: no supervisor keeps the socket "
+        "open while a new serving process starts",
+    )
+    # Given by the supervisor to the serving process: the listening socket it inherits.
+    parser.add_argument(LISTEN_FD_OPTION, type=int, dest="listen_fd", help=argparse.SUPPRESS)
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("-g", "--gevent", action="store_true", help="serve with gevent")
     modes.add_argument(
@@ -179,16 +196,14 @@ def serve(
     configure_logging(args.verbose)
     if args.multiprocessing:
         log.warning("multiprocessing_mode_ignored reason=state_and_shipping_lost_per_event")
-    if not Path(args.prefix).is_dir():
-        log.error("prefix_missing path=%s", args.prefix)
-        raise SystemExit(1)
+    check_args(args)
     set_kong_prefix(args.prefix)
 
-    if not 0 < args.handler_timeout <= HANDLER_TIMEOUT_S:
-        log.error(
-            "handler_timeout_invalid value=%s max=%s", args.handler_timeout, HANDLER_TIMEOUT_S
-        )
-        raise SystemExit(2)
+    from kong_pdk.module import Module  # noqa: PLC0415 (the serving process only)
+
+    from . import rpc  # noqa: PLC0415
+    from .plugin_server import GuardedPluginServer  # noqa: PLC0415
+
     ps = GuardedPluginServer(
         name=f"{name} version {plugin['Version']}",
         use_gevent=args.gevent,
@@ -206,19 +221,22 @@ def serve(
         module.phases = list(phases)
     ps.plugins[name] = module
 
-    rpc = GuardedRpcServer(
+    # Looked up on the module when serving: a test plugin may have put a subclass there.
+    server = rpc.GuardedRpcServer(
         ps,
         args.prefix,
         socket_name=args.socket_name,
         use_gevent=args.gevent,
         listen_queue_size=args.listen_queue_size,
         on_parent_exit=_exit_process,
+        listen_fd=args.listen_fd,
     )
 
     def cleanup_socket() -> None:
-        Path(rpc.path).unlink(missing_ok=True)
+        Path(server.path).unlink(missing_ok=True)
 
-    on_shutdown(cleanup_socket)
+    if args.listen_fd is None:
+        on_shutdown(cleanup_socket)  # an inherited socket is the supervisor's to remove
 
     # Kong stops its plugin servers with SIGTERM: flush what the hooks hold, then exit. The same
     # handler in both modes: a signal also wakes the gevent hub, whose loop then runs Python's
@@ -230,35 +248,77 @@ def serve(
     signal.signal(signal.SIGINT, on_term)
 
     try:
-        rpc.serve_forever()
+        server.serve_forever()
     finally:
         _exit_process("serve_forever returned", 1)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse, logged, what would make every serving process exit at once."""
+    if not Path(args.prefix).is_dir():
+        log.error("prefix_missing path=%s", args.prefix)
+        raise SystemExit(1)
+    if not 0 < args.handler_timeout <= HANDLER_TIMEOUT_S:
+        log.error(
+            "handler_timeout_invalid value=%s max=%s", args.handler_timeout, HANDLER_TIMEOUT_S
+        )
+        raise SystemExit(2)
+
+
+def serve_plugin(name: str, argv: Sequence[str]) -> None:
+    """Serve one of the two plugins in this process (the serving process, or --no-supervisor)."""
+    # Imported here, not at the top: the handler pulls in the whole plugin, which the supervisor
+    # and `serve` for another plugin class (the benchmark's baseline, the defect tests' faulty
+    # plugin) need not.
+    from . import handler  # noqa: PLC0415
+
+    plugin_class = handler.TokenMeter if name == TOKEN_METER else handler.TokenMeterLog
+    on_shutdown(handler.shutdown)
+    start_stats_log(handler.stats)
+    serve(name, plugin_class, argv=argv, phases=PHASES[name])
+
+
+def main(name: str, argv: Sequence[str] | None = None) -> None:
+    """What Kong starts: the plugin info (`-dump`), or a supervisor and its serving process."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(name, arguments)
+    if args.dump:
+        # Kong's query command JSON-decodes all of stdout: the JSON and nothing else.
+        sys.stdout.write(json.dumps([plugin_info(name)]))
+        sys.stdout.flush()
+        return
+    if args.no_supervisor or args.listen_fd is not None:
+        serve_plugin(name, arguments)
+        return
+    configure_logging(args.verbose)
+    check_args(args)
+    supervisor = Supervisor(
+        plugin=name,
+        socket_path=Path(args.prefix) / args.socket_name,
+        backlog=args.listen_queue_size,
+        serving_argv=[sys.executable, "-m", SERVING_MODULE, name, *arguments],
+    )
+    raise SystemExit(supervisor.run())
+
+
 def main_token_meter(argv: Sequence[str] | None = None) -> None:
     """Console script `token-meter-plugin`: phases access and response."""
-    # Imported here, not at the top: the handler pulls in the whole plugin, which `serve` for
-    # another plugin class (the benchmark's baseline, the defect tests' faulty plugin) needs not.
-    from .handler import TokenMeter, shutdown, stats  # noqa: PLC0415
-
-    on_shutdown(shutdown)
-    start_stats_log(stats)
-    serve(TOKEN_METER, TokenMeter, argv=argv, phases=PHASES[TOKEN_METER])
+    main(TOKEN_METER, argv)
 
 
 def main_token_meter_log(argv: Sequence[str] | None = None) -> None:
     """Console script `token-meter-log-plugin`: phases access and log."""
-    from .handler import TokenMeterLog, shutdown, stats  # noqa: PLC0415
-
-    on_shutdown(shutdown)
-    start_stats_log(stats)
-    serve(TOKEN_METER_LOG, TokenMeterLog, argv=argv, phases=PHASES[TOKEN_METER_LOG])
+    main(TOKEN_METER_LOG, argv)
 
 
 __all__ = [
+    "SERVING_MODULE",
+    "check_args",
+    "main",
     "main_token_meter",
     "main_token_meter_log",
     "on_shutdown",
     "parse_args",
     "serve",
+    "serve_plugin",
 ]

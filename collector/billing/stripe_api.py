@@ -29,8 +29,10 @@ import aiohttp
 import stripe
 
 # Stripe's answer to a meter event whose identifier it already took (the usage is there): a 400
-# invalid_request_error without a code, known only by its message.
+# invalid_request_error without a code on v1, known by its message; the v2 endpoints' documented
+# code for it is `duplicate_meter_event`, taken too should v1 start sending one.
 DUPLICATE_MESSAGE: Final = re.compile(r"already exists with identifier", re.IGNORECASE)
+DUPLICATE_CODE: Final = "duplicate_meter_event"
 DEFAULT_TIMEOUT: Final = 20.0
 
 
@@ -65,7 +67,7 @@ def classify(exc: stripe.StripeError) -> StripeFailure:
         return StripeFailure(Outcome.UNAUTHORIZED, code, message, status)
     if isinstance(exc, stripe.RateLimitError | stripe.APIConnectionError):
         return StripeFailure(Outcome.RETRY, code, message, status)
-    if status == 400 and DUPLICATE_MESSAGE.search(message or ""):
+    if status == 400 and (code == DUPLICATE_CODE or DUPLICATE_MESSAGE.search(message or "")):
         return StripeFailure(Outcome.DUPLICATE, code, message, status)
     if status is None or status >= 500 or status in (409, 429):
         return StripeFailure(Outcome.RETRY, code, message, status)
@@ -183,10 +185,18 @@ class StripeApi:
         return _meter(meter)
 
     async def send_meter_event(
-        self, *, event_name: str, customer: str, value: int, identifier: str, timestamp: int
+        self,
+        *,
+        event_name: str,
+        customer: str,
+        value: int,
+        identifier: str,
+        timestamp: int,
+        idempotency_key: str,
     ) -> None:
-        """One meter event. The identifier is also the idempotency key: a retry after a dropped
-        answer gets the first answer replayed (for 24 hours), else a duplicate refusal."""
+        """One meter event. Stripe replays the first answer to an idempotency key for 24 hours,
+        whatever it was (a 500 included), and refuses an identifier it already took within 24
+        hours: the caller chooses the key (`transport.idempotency_key`)."""
         with _connection_errors():
             await self._client.v1.billing.meter_events.create_async(
                 params={
@@ -195,7 +205,7 @@ class StripeApi:
                     "identifier": identifier,
                     "timestamp": timestamp,
                 },
-                options={"idempotency_key": identifier},
+                options={"idempotency_key": idempotency_key},
             )
 
     async def create_meter_event_session(self) -> MeterEventSession:

@@ -7,7 +7,7 @@ Stripe (through `StripeApi`, within the sync's rate limiter) and counts its call
 means for the rows, and the order per customer and meter, are the sync's (`sync.py`).
 
 - `meter_events` (`V1Transport`, here): one event a call to `POST /v1/billing/meter_events`,
-  validated synchronously, the identifier doubling as the idempotency key.
+  validated synchronously, under an idempotency key per attempt (`idempotency_key`).
 - `meter_event_stream` (`stream.StreamTransport`): up to 100 events a call to the v2 stream,
   validated asynchronously.
 """
@@ -29,6 +29,23 @@ from .stripe_api import Outcome, StripeApi, StripeFailure, classify
 # `duplicate` when Stripe already had the identifier.
 Answer: TypeAlias = Literal["created", "duplicate"]
 Result: TypeAlias = Answer | StripeFailure
+
+
+def idempotency_key(row: PendingRow) -> str:
+    """The v1 call's Idempotency-Key: the row's identifier on its first attempt, then
+    `<identifier>-a<attempts>` (attempts as the outbox counts them, each finished call one).
+
+    A new key for each attempt because Stripe saves the first answer to a key, 500s included,
+    and replays it to every request with that key for 24 hours: under one key for all
+    attempts, a 500 Stripe gave after taking the event would be all the row ever got back for
+    a day. Exactly once rests on the identifier instead, which every attempt keeps: Stripe
+    refuses one it took within 24 hours, and that refusal counts as delivered. Derived from the
+    count, not drawn at random, so a call whose answer the outbox never recorded (the collector
+    died, the database did not answer) is sent again under the same key and gets Stripe's saved
+    answer: one key per recorded attempt, however often the sender restarts."""
+    if row.attempts == 0:
+        return row.identifier  # as before per-attempt keys: rows in flight across an upgrade
+    return f"{row.identifier}-a{row.attempts}"  # at most ~120 characters; Stripe takes 255
 
 
 class Transport(Protocol):
@@ -63,6 +80,7 @@ class V1Transport:
                     value=row.value,
                     identifier=row.identifier,
                     timestamp=int(row.window_start.timestamp()),
+                    idempotency_key=idempotency_key(row),
                 )
             except stripe.StripeError as exc:
                 failure = classify(exc)

@@ -4,9 +4,11 @@ memory cache in front of it, and one sender thread per collector.
 ``Shipper.enqueue`` appends the event to the journal (one ``write(2)``, no fsync) before it
 returns, so a plugin server killed at any moment loses nothing: its successor replays, oldest
 first, every event the collector never acknowledged. Delivery is at least once; the collector
-dedupes by (source, id). An event is lost only when the journal refuses it (full at
-``spool_max_bytes``, or the disk failing) or its record turns out corrupt on recovery: each loss
-is counted in ``stats()["lost"]`` and logged at error level.
+dedupes by (source, id). An event the disk will not take (full, failing) is held in memory,
+within a bound, and journaled once writes succeed again. An event is lost only when the journal
+is full at ``spool_max_bytes``, when the disk fails past the memory hold's bound or while the
+process dies holding it, or when its record turns out corrupt on recovery: each loss is counted
+in ``stats()["lost"]`` and logged at error level.
 
 Modules: ``settings`` (what a shipper needs), ``journal`` (the files), ``outbox`` (journal, cache,
 cursor and counters, no threads), ``answers`` (what the collector's answers mean, pure),

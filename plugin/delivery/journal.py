@@ -7,8 +7,9 @@ A segment ``<seq>.journal`` (``seq``: 12 digits, increasing) holds one record pe
 (msgspec's JSON never holds a raw newline, so a newline ends a record). A record is appended by
 one ``os.write`` on an ``O_APPEND`` descriptor: once it returns, the record is in the kernel's page
 cache and survives the process being killed (the sender thread ``fdatasync``s about once a second,
-which bounds what a host crash can take). Only the last segment is appended to; the others are
-sealed.
+which bounds what a host crash can take). A short write (a disk filling up) is continued, and
+the next write fails with the real reason (ENOSPC); a failed append is cut off again, so a record
+is whole or absent. Only the last segment is appended to; the others are sealed.
 
 ``<seq>.ack`` holds how far the segment is acknowledged by the collector: one fixed-size line
 ``<offset, 16 hex digits> <crc32 of those digits, 8 hex digits>``, overwritten in place by one
@@ -264,8 +265,13 @@ class Journal:
         start = last.size
         try:
             written = os.write(self._fd, record)
-            if written != size:
-                raise OSError(errno.EIO, f"short write ({written} of {size} bytes)")
+            while written < size:
+                # A short write (a disk filling up takes what fits): the next write says why,
+                # ENOSPC most often, which is the reason to count the loss under.
+                more = os.write(self._fd, record[written:])
+                if more <= 0:
+                    raise OSError(errno.EIO, f"short write ({written} of {size} bytes)")
+                written += more
         except OSError:
             try:
                 os.ftruncate(self._fd, start)  # a torn record must not precede the next one

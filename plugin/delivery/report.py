@@ -56,3 +56,48 @@ def log_losses(unlogged: dict[str, int] | None, lost_total: int) -> None:
             reasons=repr(reasons),
             lost_total=lost_total,
         )
+
+
+class HoldLog:
+    """The lines about events held in memory because the spool refused them: a warning when the
+    hold takes an event while it was empty, and an info line once it has drained into the
+    journal, with how many were held.
+
+    Rate-limited like the loss lines: at most one warning per interval, a warning kept back
+    is written once the interval allows (the sender's ``maintain`` asks) if the hold is still
+    not empty, and a drain is logged only after a warning, so a spool that fails and recovers
+    at request rate writes one pair of lines per interval, not one per request. Not
+    thread-safe: the outbox calls it under its lock and logs after releasing it.
+    """
+
+    def __init__(self, interval: float = LOSS_LOG_INTERVAL) -> None:
+        self._interval = interval
+        self._last = -interval
+        self._pending: str | None = None  # the error of a hold not warned of yet
+        self._warned = False  # a warning written, its drain not yet
+        self._held = 0  # events held since the last drain line
+
+    def held(self, error: str, *, first: bool) -> None:
+        """One event went to the hold; ``first``: the hold was empty."""
+        self._held += 1
+        if first and not self._warned:
+            self._pending = error
+
+    def warning_due(self, *, force: bool = False) -> str | None:
+        """The error to warn of now, or None: nothing to warn of, or warned too recently."""
+        if self._pending is None:  # the common case, on every append: no clock read
+            return None
+        now = time.monotonic()
+        if not force and now - self._last < self._interval:
+            return None
+        error, self._pending, self._last, self._warned = self._pending, None, now, True
+        return error
+
+    def drained(self) -> int | None:
+        """The hold is empty again: how many events it took since the last drain line, when
+        that is to be logged (a warning preceded), else None."""
+        self._pending = None
+        if not self._warned:
+            return None
+        held, self._held, self._warned = self._held, 0, False
+        return held

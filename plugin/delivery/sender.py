@@ -92,22 +92,31 @@ class Sender:
                 self.started = True
 
     def flush(self, timeout: float) -> bool:
-        """Send without waiting for coalescing; True once everything journaled before the call
-        is acknowledged, False at the timeout."""
+        """Send without waiting for coalescing; True once everything journaled or held in
+        memory before the call is acknowledged, False at the timeout.
+
+        Events held (the spool refused them) have no journal position yet: the target is taken
+        once they have left the hold, which they do in order and before anything appended
+        later, so the journal's end then covers them."""
         deadline = time.monotonic() + timeout
+        outbox = self._outbox
         with self._cond:
-            target = self._outbox.end()
-            if target is None:
-                return True
+            mark = outbox.held_mark()
             self._flushers += 1
             self._cond.notify_all()
             try:
-                while not self._outbox.acknowledged_through(target):
+                target = None
+                while True:
+                    if target is None and outbox.released_through(mark):
+                        target = outbox.end()
+                        if target is None:
+                            return True
+                    if target is not None and outbox.acknowledged_through(target):
+                        return True
                     remaining = deadline - time.monotonic()
                     if remaining <= 0 or self._stopping:
                         return False
                     self._cond.wait(remaining)
-                return True
             finally:
                 self._flushers -= 1
 

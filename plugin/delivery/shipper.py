@@ -65,8 +65,10 @@ class Shipper:
             self._settings = settings
 
     def enqueue(self, event: Mapping[str, Any]) -> bool:
-        """Journal one usage event for delivery: True once it is in the journal, False when it
-        is lost (already counted and logged). Never raises; never waits on the network."""
+        """Journal one usage event for delivery: True once it is in the journal, or held in
+        memory because the journal's disk refused it (journaled as soon as it takes writes
+        again; see ``outbox``); False when it is lost (already counted and logged). Never
+        raises; never waits on the network."""
         try:
             source = self._settings.source
             if source and "source" not in event:
@@ -84,8 +86,10 @@ class Shipper:
         self._outbox.lose(count, reason)
 
     def stats(self) -> dict[str, int]:
-        """Counters since start, and gauges: events cached in memory, in flight, unacknowledged
-        in the journal (``journal_events``, with its bytes and segments), collector failing."""
+        """Counters since start (``held_total``: events ever held in memory), and gauges:
+        events cached in memory, in flight, unacknowledged in the journal (``journal_events``,
+        with its bytes and segments), held in memory because the disk refused them
+        (``held_events``, ``held_bytes``: not in the journal yet), collector failing."""
         result = self._outbox.stats()
         result["collector_failing"] = int(self._sender.failing)
         return result
@@ -98,7 +102,9 @@ class Shipper:
 
     def close(self, timeout: float) -> None:
         """Try to deliver within ``timeout`` seconds, then stop. What is not delivered stays in
-        the journal, for the next process on this directory."""
+        the journal, for the next process on this directory; events still held in memory (the
+        disk refusing them to the end) get one last try at the journal, and are counted lost
+        if it fails (the ``lost`` of the ``shipper_closed`` line)."""
         if self._closed:
             return
         self._closed = True

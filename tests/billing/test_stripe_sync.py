@@ -4,6 +4,7 @@ Stripe fake through the real SDK, on real PostgreSQL."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -17,15 +18,21 @@ from tests.billing.conftest import (
     INPUT,
     OUTPUT,
     TRANSPORTS,
+    direct_sync,
     events_sent,
     eventually,
+    run_cycle,
     stripe_env,
 )
+from tests.billing.workload import fake_with_meters, hour_ago, post_usage
+from tests.billing.workload import local_totals as all_local_totals
 from tests.collector.accounts_api import put_consumer
 from tests.conftest import RunningCollector, make_settings, run_collector_app
 from tests.contract.test_openapi import check_response
 from tests.factories import usage_event
-from tests.harness.stripe import FakeStripe, RateLimits
+from tests.harness.stripe import CREATE_METER_EVENT, FakeStripe, RateLimits
+from token_meter_collector.billing.store import PendingRow
+from token_meter_collector.billing.transport import idempotency_key
 from token_meter_collector.keys import STRIPE_SYNC
 
 
@@ -247,3 +254,61 @@ async def test_usage_too_old_for_stripe_is_unbillable_and_never_sent(
 async def _reason(collector: RunningCollector, consumer: str, reason: str) -> dict | None:
     body = await status(collector)
     return body if {"consumer": consumer, "reason": reason} in body["held"] else None
+
+
+async def test_a_500_after_stripe_took_the_events_is_delivered_by_the_next_cycle(
+    collector: RunningCollector, db: asyncpg.Connection, tmp_path: Path, transport: str
+) -> None:
+    """Stripe takes a call's events, then answers 500 (and saves that 500 for the call's
+    idempotency key): the rows wait, and the next cycle's attempt delivers them, each event
+    counted once at Stripe. On v1 the retry goes under a new idempotency key (the old one would
+    get the saved 500 back for 24 hours) with the same identifier, which Stripe refuses as a
+    duplicate; the stream's SDK-drawn key is new on every call and it drops a known identifier
+    silently."""
+    fake = fake_with_meters()
+    try:
+        fake.add_customer("cus_g500")
+        await post_usage(collector, ["g500"], "g", hour_ago(1))
+        fake.faults.fail_next(1, 500, after_work=True, route=EVENT_ROUTE[transport])
+        env = {"TOKEN_METER_STRIPE_TRANSPORT": transport}
+        async with direct_sync(collector, fake, tmp_path, **env) as sync:
+            await run_cycle(sync)
+            failed = await db.fetch(
+                "SELECT identifier, attempts FROM stripe_outbox WHERE state = 'pending'"
+            )
+            assert failed, "the call Stripe answered 500 left its rows pending"
+            assert all(row["attempts"] == 1 for row in failed)
+            assert fake.totals() == await all_local_totals(db)  # Stripe has them already
+            await db.execute("UPDATE stripe_outbox SET next_attempt_at = now()")
+            await run_cycle(sync)
+        states = await db.fetch("SELECT identifier, state, answer FROM stripe_outbox")
+        assert len(states) == 3 and {row["state"] for row in states} == {"sent"}
+        assert fake.totals() == await all_local_totals(db)
+        identifiers = [e.identifier for e in fake.accepted_events()]
+        assert sorted(identifiers) == sorted(row["identifier"] for row in states)
+        retried = {row["identifier"] for row in failed}
+        answers = {row["identifier"]: row["answer"] for row in states}
+        if transport == "meter_events":
+            assert {answers[i] for i in retried} == {"duplicate"}
+            (identifier,) = retried
+            calls = [r for r in fake.requests_to(CREATE_METER_EVENT) if r.params]
+            sent = [r for r in calls if r.params["identifier"] == identifier]
+            assert [r.status for r in sent] == [500, 400]
+            assert [r.idempotency_key for r in sent] == [identifier, f"{identifier}-a1"]
+            assert not any(r.replayed for r in sent)
+        else:
+            assert {answers[i] for i in retried} == {"created"}
+            assert sorted(d["identifier"] for d in fake.state.duplicates) == sorted(retried)
+    finally:
+        fake.stop()
+
+
+def test_a_v1_idempotency_key_is_new_per_attempt_and_the_same_for_a_repeated_one() -> None:
+    """The key follows the outbox's attempt count: a call the outbox never recorded an answer
+    for (a crash) is sent again under its key, a recorded failure moves to the next key, and
+    the identifier stays in every key."""
+    row = PendingRow("c", INPUT, hour_ago(1), 1, "tm1-1-1-abc", 5, 0, "cus_c")
+    assert idempotency_key(row) == row.identifier  # the key of every attempt before
+    keys = [idempotency_key(replace(row, attempts=n)) for n in (1, 2, 3)]
+    assert keys == ["tm1-1-1-abc-a1", "tm1-1-1-abc-a2", "tm1-1-1-abc-a3"]
+    assert idempotency_key(replace(row, attempts=2)) == keys[1]

@@ -4,16 +4,15 @@ error, every status is documented, and every body and header matches its documen
 
 `POST /v1/stripe/webhook` is left to tests/billing/test_webhooks.py: what it takes is a body
 signed with the endpoint's secret, which no generated request has. The blocklist's long poll is
-held at most 0.2 s here (TOKEN_METER_BLOCKLIST_MAX_WAIT), so `wait` costs no time.
+held at most 0.2 s here (TOKEN_METER_BLOCKLIST_MAX_WAIT), so `wait` costs no time. Stripe
+billing is off here; test_collector_api_stripe.py runs the Stripe routes with it on.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
-import threading
-from collections.abc import Iterator
+import secrets
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import make_settings, run_collector_app
-from token_meter_collector.settings import Settings
+from tests.conftest import CollectorProcess
 
 SPEC = Path(str(resources.files("token_meter_schema") / "openapi.yaml"))
 schema = schemathesis.openapi.from_path(SPEC).exclude(path="/v1/stripe/webhook")
@@ -50,46 +48,41 @@ CHECKS = [
 
 
 @contextlib.contextmanager
-def collector_in_a_thread(collector_settings: Settings) -> Iterator[dict[str, str]]:
-    """The app on its own event loop in a thread: schemathesis sends with blocking calls."""
-    ready: concurrent.futures.Future[dict[str, str]] = concurrent.futures.Future()
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
+def collector_in_a_process(
+    factory: Callable[..., CollectorProcess], database_url: str, **env: str
+) -> Iterator[dict[str, str]]:
+    """`token-meter-collector` as a process of its own, on `database_url`, with `env`.
 
-    async def serve() -> None:
-        async with run_collector_app(collector_settings) as running:
-            ready.set_result(
-                {
-                    "url": running.base_url,
-                    "ingest": running.ingest_token,
-                    "admin": running.admin_token,
-                }
-            )
-            await stop.wait()
-
-    def run() -> None:
-        try:
-            loop.run_until_complete(serve())
-        except BaseException as exc:
-            if not ready.done():
-                ready.set_exception(exc)
-            raise
-        finally:
-            loop.close()
-
-    thread = threading.Thread(target=run, name="collector-under-schemathesis", daemon=True)
-    thread.start()
+    Not a thread of this process: CPython 3.11 counts the depth of AST construction per
+    interpreter, not per thread, so two `ast.parse` at once (hypothesis describing a strategy
+    while it generates; a traceback the collector formats, which parses the failing line to
+    place its carets) can fail one with "SystemError: AST constructor recursion depth mismatch"
+    (python/cpython#106905), a failure of neither the collector nor the test."""
+    tokens = {
+        "ingest": "ingest-" + secrets.token_hex(16),
+        "admin": "admin-" + secrets.token_hex(16),
+    }
+    collector = factory(
+        database_url,
+        TOKEN_METER_INGEST_TOKEN=tokens["ingest"],
+        TOKEN_METER_ADMIN_TOKEN=tokens["admin"],
+        TOKEN_METER_LOG_LEVEL="warning",
+        **env,
+    )
+    collector.start()
     try:
-        yield ready.result(timeout=60)
+        yield {"url": collector.base_url, **tokens}
     finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(30)
+        assert collector.stop() == 0, collector.log()[-3000:]
 
 
 @pytest.fixture
-def api(database_url: str, tmp_path: Path) -> Iterator[dict[str, str]]:
-    collector_settings = make_settings(database_url, tmp_path, TOKEN_METER_BLOCKLIST_MAX_WAIT="0.2")
-    with collector_in_a_thread(collector_settings) as running:
+def api(
+    database_url: str, collector_process_factory: Callable[..., CollectorProcess]
+) -> Iterator[dict[str, str]]:
+    with collector_in_a_process(
+        collector_process_factory, database_url, TOKEN_METER_BLOCKLIST_MAX_WAIT="0.2"
+    ) as running:
         yield running
 
 

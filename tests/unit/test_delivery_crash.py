@@ -153,21 +153,23 @@ def test_events_acknowledged_before_the_kill_are_not_sent_again(
         shipper.close(timeout=0.5)
 
 
-def test_a_failing_disk_loses_only_the_events_it_refused_and_keeps_the_journal_whole(
+def test_a_failing_disk_holds_the_events_it_refused_and_keeps_the_journal_whole(
     collector: FakeCollector, tmp_path: Path
 ) -> None:
-    """write(2) fails for real (file size limit): those events are counted lost and logged, the
-    ones journaled before are intact, the cut record in between is undone."""
+    """write(2) fails for real (file size limit): those events are held in memory, not lost,
+    and logged; the ones journaled before are intact, the cut record in between is undone. The
+    process killed while it holds them takes them with it: the hold's documented limit."""
     collector.stop()
     child = Child(**options(collector, tmp_path, file_size_limit=30_000))
     ids = [f"w-{i}" for i in range(400)]
-    kept = child.send(enqueue=ids)
-    assert 0 < len(kept) < len(ids)
-    assert kept == ids[: len(kept)]
-    assert child.stats["lost"] == len(ids) - len(kept)
-    assert child.stats["journal_events"] == len(kept)
-    err = child.stderr()  # ends the child
-    assert "events_lost" in err and "journal write failed" in err
+    assert child.send(enqueue=ids) == ids  # journaled or held
+    journaled = child.stats["journal_events"]
+    assert 0 < journaled < len(ids)
+    kept = ids[:journaled]
+    assert child.stats["held_events"] == child.stats["held_total"] == len(ids) - journaled
+    assert child.stats["lost"] == 0
+    err = child.stderr()  # ends the child (SIGKILL): the held events go with it
+    assert "spool_unwritable_holding_in_memory" in err and "File too large" in err
     collector.start()
     shipper = successor(collector, tmp_path)
     try:

@@ -512,6 +512,8 @@ def test_a_torn_tail_and_a_corrupt_record_are_skipped_counted_and_logged(
         second = make_shipper(settings)
         assert collector.wait_stored(4)
         assert wait_until(lambda: second.stats()["journal_events"] == 0)
+        # The loss line is written just after the acknowledgement's critical section.
+        assert wait_until(lambda: any("events_lost" in r.getMessage() for r in caplog.records))
     assert delivered_ids(collector) == ["e-0", "e-1", "e-3", "e-4"]
     stats = second.stats()
     assert (stats["replayed"], stats["lost"]) == (4, 2)
