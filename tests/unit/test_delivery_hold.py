@@ -54,14 +54,6 @@ def disk(monkeypatch: pytest.MonkeyPatch) -> FullDisk:
     return fake
 
 
-@pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[Outbox]:
-    opened = Outbox(tmp_path / "journal", max_entries=3, max_bytes=10**9, batch_size=100)
-    assert opened.open()
-    yield opened
-    opened.close()
-
-
 def event(i: int, size: int = 0) -> bytes:
     return b'{"id":"e-%d","pad":"%s"}' % (i, b"x" * size)
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from token_meter_plugin.delivery.answers import Tally
 from token_meter_plugin.delivery.outbox import Outbox
@@ -14,14 +11,6 @@ from token_meter_plugin.delivery.report import LossLog
 
 def event(i: int) -> bytes:
     return b'{"id":"e-%d"}' % i
-
-
-@pytest.fixture
-def outbox(tmp_path: Path) -> Iterator[Outbox]:
-    opened = Outbox(tmp_path / "journal", max_entries=3, max_bytes=10**9, batch_size=100)
-    assert opened.open()
-    yield opened
-    opened.close()
 
 
 def settle(outbox: Outbox, max_events: int = 100) -> list[bytes]:
