@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
+import asyncpg
 import structlog
 from aiohttp import web, web_response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -89,7 +90,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             # The sender hung up before its body was in (aiohttp's "Connection lost"): no one
             # to answer and nothing stored; counted as 499, nginx's "client closed request".
             response = Problem(499, "client-closed-request", "Client closed request").response()
-        elif POOL in request.app and (down := await _database_failure(request.app)) is not None:
+        elif POOL in request.app and (
+            (down := _unavailability(exc)) is not None
+            or (down := await _database_failure(request.app)) is not None
+        ):
             # Not a bug of ours: PostgreSQL is stopped, restarting or unreachable. A 503 says
             # "retry later" (the plugin keeps the batch and retries it either way).
             log.warning(
@@ -202,6 +206,33 @@ def _http_problem(exc: web.HTTPException) -> web.Response:
 
 async def healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+# What the database says when it cannot serve now, whatever it says a moment later: SQLSTATE
+# classes 08 (the connection failed or was lost), 53 (out of connections, memory or disk) and 57
+# (shutting down, starting up: "not yet accepting connections", a statement cancelled), and a
+# connection refused at its address. Known from the failure itself because PostgreSQL that is
+# starting up refuses a connection and accepts the next one a few ms later: asking it again
+# would find it well and turn its own "retry later" into a 500.
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InsufficientResourcesError,
+    asyncpg.OperatorInterventionError,
+    ConnectionRefusedError,
+)
+
+
+def _unavailability(exc: BaseException) -> BaseException | None:
+    """The exception in `exc`'s chain (itself, its causes and contexts) that says the database
+    cannot serve now, if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, DATABASE_UNAVAILABLE):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 async def _database_failure(app: web.Application) -> Exception | None:

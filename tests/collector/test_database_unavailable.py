@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
+import pytest
 import pytest_asyncio
 
 from tests.conftest import RunningCollector, make_settings, run_collector_app
 from tests.contract.test_openapi import SPEC, check_response
 from tests.factories import usage_event
 from tests.harness.stripe import FakeStripe
-from token_meter_collector.keys import POOL
+from token_meter_collector.keys import INGEST, POOL
 
 # Every route that answers from the database, with a request it would otherwise take.
 CALLS: list[tuple[str, str, str, str, bytes | None]] = [
@@ -84,3 +87,32 @@ async def test_every_route_that_needs_the_database_answers_503_with_retry_after(
         assert response.status == 503
     async with stranded.session.get(stranded.base_url + "/healthz") as response:
         assert response.status == 200  # alive: the process is fine, its database is not
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def healthy(database_url: str, tmp_path: Path) -> AsyncIterator[RunningCollector]:
+    async with run_collector_app(make_settings(database_url, tmp_path)) as running:
+        yield running
+
+
+async def test_a_database_starting_up_is_503_even_once_it_answers_again(
+    healthy: RunningCollector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL starting up refuses a connection ("not yet accepting connections") and takes
+    the next one a few ms later: the batch that met the refusal is 503, not a 500, although the
+    database answers by the time the answer is made; and nothing of it is stored."""
+    assert healthy.app is not None
+    service = healthy.app[INGEST]
+
+    async def starting_up(*_: Any, **__: Any) -> Any:
+        raise asyncpg.CannotConnectNowError("the database system is not yet accepting connections")
+
+    monkeypatch.setattr(service, "_store", starting_up)
+    status, body = await healthy.post_events([usage_event("starting-1")])
+    assert status == 503, body
+    assert body["type"].endswith("/database-unavailable")
+    async with healthy.session.get(healthy.base_url + "/readyz") as response:
+        assert response.status == 200  # it answers again: the 503 came from the refusal itself
+    monkeypatch.undo()
+    status, body = await healthy.post_events([usage_event("starting-1")])
+    assert (status, body["accepted"], body["duplicates"]) == (200, 1, 0)  # the retry is new
