@@ -437,6 +437,16 @@ class Outcome:
     elapsed: float = 0.0  # seconds on Kong's side: a figure for benchmarks, never an assertion
 
     @property
+    def ran_the_plugin(self) -> bool:
+        """Every phase of the plugin ran to its end ("ret") and the client got a 200: a
+        request the plugin metered."""
+        return (
+            bool(self.phases)
+            and all(state == "ret" for state in self.phases.values())
+            and self.status == 200
+        )
+
+    @property
     def round_trips(self) -> int:
         """PDK round trips (Steps Kong sent); an exit is a call Kong answers with no Step."""
         return sum(1 for call in self.pdk_calls if call.method not in TERMINAL_METHODS)
