@@ -335,28 +335,15 @@ def plot(path: Path, samples: Sequence[Sample], title: str) -> None:
     rate.set_ylabel("per second")
     rate.set_ylim(bottom=0)
     for name in process_names(samples):
-        points = [(m, s.processes[name]) for m, s in zip(minutes, samples, strict=True)]
-        (line,) = memory.plot([m for m, _ in points], [p.rss_mib for _, p in points], label=name)
-        memory.plot(
-            [m for m, _ in points],
-            [p.private_mib for _, p in points],
-            color=line.get_color(),
-            linestyle="--",
-            label=f"{name} private",
-        )
-        fds.plot(
-            [m for m, _ in points],
-            [p.fds for _, p in points],
-            color=line.get_color(),
-            label=f"{name} fds",
-        )
-        fds.plot(
-            [m for m, _ in points],
-            [p.threads for _, p in points],
-            color=line.get_color(),
-            linestyle="--",
-            label=f"{name} threads",
-        )
+        ps = [s.processes[name] for s in samples]
+        (line,) = memory.plot(minutes, [p.rss_mib for p in ps], label=name)
+        # The process's other lines in the same colour: private memory and threads dashed.
+        for axis, values, label, style in (
+            (memory, [p.private_mib for p in ps], f"{name} private", "--"),
+            (fds, [p.fds for p in ps], f"{name} fds", "-"),
+            (fds, [p.threads for p in ps], f"{name} threads", "--"),
+        ):
+            axis.plot(minutes, values, color=line.get_color(), linestyle=style, label=label)
     memory.set_ylabel("MiB: RSS (solid), private (dashed)")
     memory.set_ylim(bottom=0)
     fds.set_ylabel("open fds (solid), threads (dashed)")
